@@ -1,0 +1,8 @@
+"""Make the flat repo importable from tests (the scripts live at the repo root)."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
