@@ -484,39 +484,45 @@ def apply_recipe(base: np.ndarray, recipe: VoiceRecipe, emotion: EmotionProsody 
 # Augmentation (user speech only: the agent's voice is clean by design)
 
 
-def augment(wav: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def augmentation_params(seed: int) -> dict:
     """Random room, microphone, noise and level, as a user's phone or laptop would give.
 
-    Returns the audio and a record of what was applied (kept in the manifest).
+    Drawn from `seed` alone, so a resumed run can record them for files it does not re-render.
     """
-    info: dict = {}
-    if rng.random() < 0.5:  # reverberation: exponentially decaying noise as a room response
+    rng = np.random.default_rng(seed)
+    params: dict = {}
+    if rng.random() < 0.5:
+        params["rt60_s"] = round(float(rng.uniform(0.15, 0.7)), 3)
+        params["direct_gain"] = round(float(rng.uniform(1.6, 5.0)), 2)  # near-field: direct path dominates
+    params["eq_db"] = [round(float(rng.uniform(-6, 6)), 1), round(float(rng.uniform(-8, 4)), 1)]  # bass, treble
+    if rng.random() < 0.75:
+        params["noise"] = str(rng.choice(["white", "pink", "brown", "hum"]))
+        params["snr_db"] = round(float(rng.uniform(5, 35)), 1)
+    params["level_dbfs"] = round(float(rng.uniform(-34, -14)), 1)
+    return params
+
+
+def augment(wav: np.ndarray, params: dict, seed: int) -> np.ndarray:
+    """Apply `augmentation_params`; `seed` draws the room response and noise samples."""
+    from prosody import active_rms_db
+
+    rng = np.random.default_rng(seed + 1)
+    if "rt60_s" in params:  # reverberation: exponentially decaying noise as a room response
         from scipy.signal import fftconvolve
 
-        rt60 = float(rng.uniform(0.15, 0.7))
-        n = int(rt60 * SAMPLE_RATE)
-        t = np.arange(n) / SAMPLE_RATE
-        rir = rng.standard_normal(n) * np.exp(-6.9 * t / rt60)
-        rir[0] = 1.0 / float(rng.uniform(0.2, 0.6))  # direct path dominates at near-field
+        rt60 = params["rt60_s"]
+        t = np.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
+        rir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60)
+        rir[0] = params["direct_gain"]
         rir /= np.sqrt(np.sum(rir**2))
         wav = fftconvolve(wav, rir)[: len(wav)].astype(np.float32)
-        info["rt60_s"] = round(rt60, 3)
-    bass, treble = float(rng.uniform(-6, 6)), float(rng.uniform(-8, 4))  # mic and loudspeaker colour
+    bass, treble = params["eq_db"]
     wav = shelf(shelf(wav, 200, bass, high=False), 3500, treble, high=True)
-    info["eq_db"] = [round(bass, 1), round(treble, 1)]
-    if rng.random() < 0.75:
-        from prosody import active_rms_db
-
-        snr = float(rng.uniform(5, 35))
-        kind = str(rng.choice(["white", "pink", "brown", "hum"]))
-        noise = _noise(kind, len(wav), rng)
-        speech_db = active_rms_db(wav)
+    if "noise" in params:
+        noise = _noise(params["noise"], len(wav), rng)
         noise_db = 10 * np.log10(np.mean(noise**2) + 1e-12)
-        wav = wav + noise * 10 ** ((speech_db - snr - noise_db) / 20)
-        info["noise"], info["snr_db"] = kind, round(snr, 1)
-    level = float(rng.uniform(-34, -14))
-    info["level_dbfs"] = round(level, 1)
-    return set_level(wav.astype(np.float32), level), info
+        wav = wav + noise * 10 ** ((active_rms_db(wav) - params["snr_db"] - noise_db) / 20)
+    return set_level(wav.astype(np.float32), params["level_dbfs"])
 
 
 def _noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -556,7 +562,7 @@ def synthesize_user(text: str, user_voice: str, seed: int = 0, augment_audio: bo
     base = festival_batch([text])[0] if recipe.source == "festival" else _espeak_source(text, recipe)
     wav = apply_recipe(base, recipe)
     if augment_audio:
-        wav, _ = augment(wav, np.random.default_rng(seed))
+        wav = augment(wav, augmentation_params(seed), seed)
     return wav
 
 
@@ -731,11 +737,15 @@ def plan_corpus(dialogs: Dialogs, sentences: list[str], seed: int = 1234,
 # Rendering
 
 
-def render_group(args: tuple[str, list[Job]]) -> list[dict]:
-    """Render jobs that share a source text: synthesize once, transform per job. Runs in a worker."""
+def render_group(args: tuple[str, list[Job]]) -> tuple[list[dict], list[str]]:
+    """Render jobs that share source texts: synthesize each text once, transform per job.
+
+    Runs in a worker. Returns manifest rows and, for jobs that failed, messages naming them; one
+    bad utterance never costs the rest of the batch.
+    """
     out_dir, jobs = args
     out_dir = Path(out_dir)
-    rows = []
+    rows, failures = [], []
     todo = {j.path for j in jobs if not (out_dir / j.path).is_file()}
     bases: dict[tuple[str, str], np.ndarray] = {}
     fest_texts = sorted({j.text for j in jobs if j.path in todo and j.source == "festival"})
@@ -743,31 +753,33 @@ def render_group(args: tuple[str, list[Job]]) -> list[dict]:
         bases.update({("festival", t): w for t, w in zip(fest_texts, festival_batch(fest_texts))})
     for job in jobs:
         path = out_dir / job.path
-        extra = {}
-        if job.path in todo:
-            if job.source == "festival":
-                base = bases[("festival", job.text)]
+        extra = {"augment": augmentation_params(job.seed)} if job.augment else {}
+        try:
+            if job.path in todo:
+                wav = render_job(job, bases, extra.get("augment"))
+                save_audio(path, wav)
+                duration = len(wav) / SAMPLE_RATE
             else:
-                key = (job.source, job.text)
-                if key not in bases:
-                    bases[key] = _espeak_source(job.text, USER_VOICES[job.voice].recipe)
-                base = bases[key]
-            if job.role == "agent":
-                wav = apply_recipe(base, AGENT_VOICES[job.voice], EMOTION_PROSODY[job.emotion], job.jitter)
-            else:
-                wav = apply_recipe(base, USER_VOICES[job.voice].recipe)
-                if job.augment:
-                    wav, extra = augment(wav, np.random.default_rng(job.seed))
-            save_audio(path, wav)
-            duration = len(wav) / SAMPLE_RATE
-        else:
-            duration = audio_duration(path)
+                duration = audio_duration(path)
+        except Exception as e:  # noqa: BLE001 - reported with the job, the batch goes on
+            failures.append(f"{job.path} ({job.text!r}): {type(e).__name__}: {str(e).splitlines()[0]}")
+            continue
         rows.append({
             "path": job.path, "text": job.text, "voice": job.voice, "emotion": job.emotion, "role": job.role,
             "intent_id": job.intent_id, "duration": round(duration, 3), "split": job.split, "kind": job.kind,
-            **({"augment": extra} if extra else {}),
+            **extra,
         })
-    return rows
+    return rows, failures
+
+
+def render_job(job: Job, bases: dict[tuple[str, str], np.ndarray], augment_params: dict | None) -> np.ndarray:
+    key = (job.source, job.text)
+    if key not in bases:  # espeak voices: one process per text and variant
+        bases[key] = _espeak_source(job.text, USER_VOICES[job.voice].recipe)
+    if job.role == "agent":
+        return apply_recipe(bases[key], AGENT_VOICES[job.voice], EMOTION_PROSODY[job.emotion], job.jitter)
+    wav = apply_recipe(bases[key], USER_VOICES[job.voice].recipe)
+    return augment(wav, augment_params, job.seed) if augment_params else wav
 
 
 def group_jobs(jobs: list[Job], texts_per_group: int = 24) -> list[list[Job]]:
@@ -779,17 +791,19 @@ def group_jobs(jobs: list[Job], texts_per_group: int = 24) -> list[list[Job]]:
     return [[j for t in texts[i:i + texts_per_group] for j in by_text[t]] for i in range(0, len(texts), texts_per_group)]
 
 
-def render(plan: Plan, out_dir: Path, workers: int) -> list[dict]:
+def render(plan: Plan, out_dir: Path, workers: int) -> tuple[list[dict], list[str]]:
     from tqdm import tqdm
 
     groups = group_jobs(list(plan.jobs.values()))
     rows: list[dict] = []
+    failures: list[str] = []
     with Pool(workers) as pool, tqdm(total=len(plan.jobs), desc="render", unit="utt") as bar:
-        for group_rows in pool.imap_unordered(render_group, [(str(out_dir), g) for g in groups]):
+        for group_rows, group_failures in pool.imap_unordered(render_group, [(str(out_dir), g) for g in groups]):
             rows += group_rows
-            bar.update(len(group_rows))
+            failures += group_failures
+            bar.update(len(group_rows) + len(group_failures))
     rows.sort(key=lambda r: r["path"])
-    return rows
+    return rows, failures
 
 
 # --------------------------------------------------------------------------------------
@@ -915,7 +929,13 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else workspace_from_args(args).synth_corpus
     plan = plan_corpus(dialogs, sentences, args.seed, args.user_renders_per_question, args.conversations_per_intent)
     print(f"{len(plan.jobs)} utterances to render into {out_dir} with {args.workers} workers")
-    rows = render(plan, out_dir, args.workers)
+    rows, failures = render(plan, out_dir, args.workers)
+    if failures:
+        print(f"error: {len(failures)} utterance(s) could not be rendered; the other "
+              f"{len(rows)} are kept, so a rerun after fixing the text renders only these:", file=sys.stderr)
+        for f in failures:
+            print(f"  {f}", file=sys.stderr)
+        return 1
     for split in SPLITS:
         write_manifest(out_dir / "manifests" / f"{split}.jsonl", [r for r in rows if r["split"] == split])
         write_json(out_dir / "metadata" / PAIRS_FILES[split], plan.pairs[split], indent=None)
