@@ -310,20 +310,46 @@ def _resample(wav: np.ndarray, sr: int) -> np.ndarray:
 # Voice and emotion transforms
 
 
+PSOLA_F0_LIMITS_HZ = (60.0, 480.0)
+
+
 def change_voice(
     wav: np.ndarray, pitch_hz: float, pitch_range: float, formant_ratio: float, tempo: float
 ) -> np.ndarray:
-    """Praat's PSOLA "Change gender": new median F0, F0 range factor, formant shift, tempo (>1 faster)."""
+    """Move formants, F0 level, F0 range and tempo (>1 faster) of a speech signal.
+
+    What Praat's "Change gender" does, done in steps we control: (1) scale every frequency by
+    `formant_ratio` by resampling (a shorter vocal tract); (2) PSOLA with an explicit pitch tier,
+    f0' = pitch_hz * (f0 / median)^pitch_range (range scaled in the log domain, clamped to
+    PSOLA_F0_LIMITS_HZ) and a duration tier that undoes step 1's speed-up and applies `tempo`.
+    Change gender itself hangs on some inputs (its internal pitch analysis fed PSOLA values it
+    loops on), so it is not used. `pitch_hz` <= 0 keeps the source's median F0.
+    """
     import parselmouth
     from parselmouth.praat import call, run
 
-    sound = parselmouth.Sound(np.asarray(wav, dtype=np.float64), sampling_frequency=SAMPLE_RATE)
-    # Change gender draws random numbers (up to 0.03 of full scale apart between calls): seed
-    # Praat's generator so a rerun renders the same audio bit for bit.
-    run("random_initializeWithSeedUnsafelyButPredictably (1)")
-    out = call(sound, "Change gender", 60, 500, formant_ratio, pitch_hz, pitch_range, 1.0 / tempo)
-    # Change gender resamples internally when formants move; bring it back to 16 kHz.
-    return _resample(out.values[0].astype(np.float32), int(out.sampling_frequency))
+    src = np.asarray(wav, dtype=np.float64)
+    if formant_ratio != 1.0:
+        import soxr
+
+        # Samples played at rate*ratio sound ratio times higher; resample them back to 16 kHz.
+        src = soxr.resample(src, SAMPLE_RATE * formant_ratio, SAMPLE_RATE)
+    sound = parselmouth.Sound(src, sampling_frequency=SAMPLE_RATE)
+    run("random_initializeWithSeedUnsafelyButPredictably (1)")  # bit-identical reruns
+    manipulation = call(sound, "To Manipulation", 0.01, 60, 600)
+    pitch_tier = call(manipulation, "Extract pitch tier")
+    n_points = call(pitch_tier, "Get number of points")
+    if n_points > 0:
+        median = float(np.median([call(pitch_tier, "Get value at index", i + 1) for i in range(n_points)]))
+        target = pitch_hz if pitch_hz > 0 else median
+        lo, hi = PSOLA_F0_LIMITS_HZ
+        call(pitch_tier, "Formula", f"min({hi}, max({lo}, {target} * (self / {median}) ^ {pitch_range}))")
+        call([manipulation, pitch_tier], "Replace pitch tier")
+    duration_tier = call("Create DurationTier", "tempo", 0, sound.duration)
+    call(duration_tier, "Add point", 0, formant_ratio / tempo)
+    call([manipulation, duration_tier], "Replace duration tier")
+    out = call(manipulation, "Get resynthesis (overlap-add)")
+    return np.asarray(out.values[0], dtype=np.float32)
 
 
 def shelf(wav: np.ndarray, freq: float, gain_db: float, high: bool) -> np.ndarray:
@@ -791,17 +817,40 @@ def group_jobs(jobs: list[Job], texts_per_group: int = 24) -> list[list[Job]]:
     return [[j for t in texts[i:i + texts_per_group] for j in by_text[t]] for i in range(0, len(texts), texts_per_group)]
 
 
-def render(plan: Plan, out_dir: Path, workers: int) -> tuple[list[dict], list[str]]:
+def render(plan: Plan, out_dir: Path, workers: int, group_timeout_s: float = 600.0) -> tuple[list[dict], list[str]]:
+    """Render every job of the plan in `workers` processes.
+
+    A group that runs past `group_timeout_s` (a synthesizer stuck in native code cannot be
+    interrupted) fails with a message; its pool is killed and the groups still pending run in a
+    fresh one. Finished files are skipped, so re-running a group is always safe.
+    """
+    from multiprocessing import TimeoutError as PoolTimeout
+
     from tqdm import tqdm
 
-    groups = group_jobs(list(plan.jobs.values()))
+    pending = group_jobs(list(plan.jobs.values()))
     rows: list[dict] = []
     failures: list[str] = []
-    with Pool(workers) as pool, tqdm(total=len(plan.jobs), desc="render", unit="utt") as bar:
-        for group_rows, group_failures in pool.imap_unordered(render_group, [(str(out_dir), g) for g in groups]):
-            rows += group_rows
-            failures += group_failures
-            bar.update(len(group_rows) + len(group_failures))
+    with tqdm(total=len(plan.jobs), desc="render", unit="utt") as bar:
+        while pending:
+            pool = Pool(workers)
+            results = [(g, pool.apply_async(render_group, ((str(out_dir), g),))) for g in pending]
+            pending = []
+            for i, (group, result) in enumerate(results):
+                try:
+                    group_rows, group_failures = result.get(timeout=group_timeout_s)
+                except PoolTimeout:
+                    failures += [f"{j.path} ({j.text!r}): timed out after {group_timeout_s:.0f} s" for j in group]
+                    bar.update(len(group))
+                    pending = [g for g, _ in results[i + 1:]]  # rerun in a fresh pool
+                    pool.terminate()
+                    break
+                rows += group_rows
+                failures += group_failures
+                bar.update(len(group_rows) + len(group_failures))
+            else:
+                pool.close()
+            pool.join()
     rows.sort(key=lambda r: r["path"])
     return rows, failures
 
