@@ -419,11 +419,14 @@ class VoiceRecipe:
 # F0, formants (vocal-tract length), tempo and spectral tilt. Females need formant ratios over 1.1
 # or they sound like a pitched-up man; Priya and Lakshmi differ in every dimension, because two
 # derived female voices otherwise stay close for a speaker encoder (FACTS.md: cosine 0.90-0.93).
+# festival reads Telugu slowly (about 11 characters/s, 1.5 words/s), so every agent voice is
+# also AGENT_TEMPO faster: answers then take 1 to 4 s, as a voice agent's turn should.
+AGENT_TEMPO = 1.25
 AGENT_VOICES: dict[str, VoiceRecipe] = {
-    "Arjun": VoiceRecipe("festival", pitch_hz=150, pitch_range=1.15, formant_ratio=1.05, tempo=1.08, treble_db=2),
-    "Ravi": VoiceRecipe("festival", pitch_hz=98, pitch_range=0.8, formant_ratio=0.9, tempo=0.9, bass_db=3, treble_db=-4),
-    "Priya": VoiceRecipe("festival", pitch_hz=250, pitch_range=1.3, formant_ratio=1.24, tempo=1.1, treble_db=4),
-    "Lakshmi": VoiceRecipe("festival", pitch_hz=182, pitch_range=0.8, formant_ratio=1.12, tempo=0.9, bass_db=2, treble_db=-3),
+    "Arjun": VoiceRecipe("festival", pitch_hz=150, pitch_range=1.15, formant_ratio=1.05, tempo=AGENT_TEMPO * 1.08, treble_db=2),
+    "Ravi": VoiceRecipe("festival", pitch_hz=98, pitch_range=0.8, formant_ratio=0.9, tempo=AGENT_TEMPO * 0.9, bass_db=3, treble_db=-4),
+    "Priya": VoiceRecipe("festival", pitch_hz=250, pitch_range=1.3, formant_ratio=1.24, tempo=AGENT_TEMPO * 1.1, treble_db=4),
+    "Lakshmi": VoiceRecipe("festival", pitch_hz=182, pitch_range=0.8, formant_ratio=1.12, tempo=AGENT_TEMPO * 0.9, bass_db=2, treble_db=-3),
 }
 
 
@@ -871,6 +874,9 @@ def measure_corpus(rows: list[dict], out_dir: Path, max_per_cell: int = 12) -> d
             stats["splits"][f"{split}/{role}"] = {
                 "utterances": len(sel), "hours": round(sum(r["duration"] for r in sel) / 3600, 3)}
     stats["total_hours"] = round(sum(r["duration"] for r in rows) / 3600, 3)
+    for kind in ("question", "answer"):
+        durations = [r["duration"] for r in rows if r["kind"] == kind]
+        stats[f"{kind}_seconds_p10_p50_p90"] = [round(float(x), 2) for x in np.percentile(durations, [10, 50, 90])]
 
     # Signatures of train answers: same texts in every voice and emotion, so differences are prosody.
     answers = [r for r in rows if r["split"] == "train" and r["kind"] == "answer"]
