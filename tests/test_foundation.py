@@ -117,6 +117,7 @@ def test_save_audio_roundtrip_and_atomicity(tmp_path):
             raise RuntimeError("killed")
     np.testing.assert_allclose(load_audio(path), wav, atol=1 / 32767)  # old file untouched
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.wav"]  # no temp left behind
+    assert path.stat().st_mode & 0o644 == 0o644  # readable by others, like any file
 
 
 def test_manifest_paths_are_relative_to_the_dataset_root(tmp_path):
