@@ -1,0 +1,153 @@
+"""train_s2s.py on a tiny corpus with a tiny real codec: the token cache is built once and reused,
+a resumed run equals an uninterrupted one, checkpoints and the shipped model load, two gloo
+processes train under torchrun, bad input fails early."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_s2s
+from audio_io import save_audio, write_json
+from config import config_to_dict
+from s2s_transformer import TeluguS2STransformer
+from training import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """8 train + 2 validation pairs over 12 short WAVs (some pairs with 1 or 2 earlier exchanges),
+    a tiny codec checkpoint, and an S2S config override with dropout (so resume must restore RNG)."""
+    from telugu_codec import CodecConfig, TeluCodec
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    wavs = []
+    for i in range(12):
+        n = int(rng.integers(1200, 3200))
+        wav = 0.3 * np.sin(2 * np.pi * (150 + 40 * i) * t[:n]) + 0.02 * rng.standard_normal(n)
+        rel = f"wavs/{'user' if i % 2 == 0 else 'agent'}/{i:02d}.wav"
+        save_audio(root / rel, wav.astype(np.float32))
+        wavs.append(rel)
+
+    def pair(i, history=()):
+        return {"input_path": wavs[2 * (i % 6)], "target_path": wavs[2 * (i % 6) + 1], "speaker_id": i % 4,
+                "emotion_id": i % 9, "history": [{"input_path": wavs[2 * h], "target_path": wavs[2 * h + 1]} for h in history]}
+
+    write_json(root / "metadata" / "train_pairs.json", [pair(i, [(i + 1) % 6] * (i % 3)) for i in range(8)])
+    write_json(root / "metadata" / "validation_pairs.json", [pair(4), pair(5, [0])])
+    torch.manual_seed(0)
+    codec = TeluCodec(CodecConfig.preset("tiny"))
+    save_checkpoint(root / "codec" / "best_codec.pt", {"model_state": codec.state_dict(), "config": config_to_dict(codec.config)})
+    write_json(root / "s2s_config.json", {"dropout": 0.1})
+    return root
+
+
+def args_for(corpus: Path, out: Path, *extra: str, data_dir: Path | None = None) -> list[str]:
+    return ["--data_dir", str(data_dir or corpus), "--codec_path", str(corpus / "codec" / "best_codec.pt"),
+            "--checkpoint_dir", str(out), "--batch_size", "2", "--learning_rate", "2e-3", "--preset", "tiny",
+            "--config", str(corpus / "s2s_config.json"), "--warmup_steps", "2", "--log_every", "1",
+            "--experiment_name", "test", *extra]
+
+
+def rows(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (out / "test.jsonl").read_text().splitlines()]
+
+
+def test_resume_equals_uninterrupted(corpus, tmp_path):
+    train_s2s.main(args_for(corpus, tmp_path / "a", "--num_epochs", "2"))
+    train_s2s.main(args_for(corpus, tmp_path / "b", "--num_epochs", "2", "--max_steps", "5"))  # stops mid-epoch 2
+    stopped = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert (stopped["step"], stopped["epoch"], stopped["step_in_epoch"]) == (5, 1, 1)
+    train_s2s.main(args_for(corpus, tmp_path / "b", "--num_epochs", "2", "--resume"))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for name, tensor in a["model_state"].items():
+        assert torch.equal(tensor, b["model_state"][name]), name
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")  # the log reads as if never interrupted
+    assert a["model_state"]["bos"].ne(stopped["model_state"]["bos"]).any()  # and it did train on
+
+
+def test_outputs_checkpoints_and_shipped_model(corpus, tmp_path):
+    out = tmp_path / "run"
+    train_s2s.main(args_for(corpus, out, "--num_epochs", "1"))
+    best = torch.load(out / "s2s_best.pt", weights_only=True)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert {"model_state", "config", "step", "epoch", "val_loss"} <= set(best)
+    assert {"model_state", "config", "optimizer", "step", "epoch", "rng"} <= set(last)
+    shipped = TeluguS2STransformer.from_pretrained(out)  # model.safetensors + config.json
+    assert shipped.config.dropout == 0.1 and shipped.config.hidden_dim == 64
+    for name, tensor in shipped.state_dict().items():
+        assert torch.equal(tensor, best["model_state"][name]), name
+    val = [r for r in rows(out) if "val_loss" in r][-1]
+    assert {f"val_acc_cb{i}" for i in range(8)} | {f"val_ppl_cb{i}" for i in range(8)} <= set(val)
+    assert all(1.0 <= val[f"val_ppl_cb{i}"] <= 2000 for i in range(8))
+    assert (out / "test.csv").read_text().startswith("step,")
+
+
+def test_token_cache_is_built_once_and_follows_changes(corpus, tmp_path, capsys):
+    train_s2s.main(args_for(corpus, tmp_path / "one", "--num_epochs", "1", "--max_steps", "1"))
+    first = capsys.readouterr().out
+    cache_dirs = list((corpus / "token_cache").iterdir())
+    assert len(cache_dirs) == 1  # one codec, one cache
+    train_s2s.main(args_for(corpus, tmp_path / "two", "--num_epochs", "1", "--max_steps", "1"))
+    assert "12 of 12 WAVs cached, 0 to encode" in capsys.readouterr().out
+    assert "to encode" in first
+    wav = corpus / "wavs" / "user" / "00.wav"
+    os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns + 10**9))  # the file changed
+    train_s2s.main(args_for(corpus, tmp_path / "three", "--num_epochs", "1", "--max_steps", "1"))
+    assert "11 of 12 WAVs cached, 1 to encode" in capsys.readouterr().out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "train_s2s.py"), *args_for(corpus, out, "--num_epochs", "2", "--device", "cpu")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = torch.load(out / "last.pt", weights_only=True)
+    # 8 pairs, 2 per process, 2 processes: 2 steps per epoch (each rank its own half of every step)
+    assert last["step"] == 4 and len(last["rng_per_rank"]) == 2
+    assert "2 process(es)" in proc.stdout and "DDP replicas diverged" not in proc.stderr
+    assert any("val_loss" in r for r in rows(out))
+
+
+def test_bad_input_fails_early(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_pairs.json"):
+        train_s2s.main(args_for(corpus, tmp_path / "x", data_dir=tmp_path))
+    with pytest.raises(FileNotFoundError, match="codec"):
+        train_s2s.main(args_for(corpus, tmp_path / "x", "--codec_path", str(tmp_path / "nothing.pt")))
+    bad = tmp_path / "bad"
+    (bad / "metadata").mkdir(parents=True)
+    pairs = json.loads((corpus / "metadata" / "train_pairs.json").read_text())
+    pairs[0]["speaker_id"] = 7
+    write_json(bad / "metadata" / "train_pairs.json", pairs)
+    write_json(bad / "metadata" / "validation_pairs.json", pairs)
+    with pytest.raises(ValueError, match="speaker_id 7"):
+        train_s2s.main(args_for(corpus, tmp_path / "x", data_dir=bad))
+    out = tmp_path / "resume"
+    train_s2s.main(args_for(corpus, out, "--num_epochs", "1", "--max_steps", "1"))
+    with pytest.raises(ValueError, match="hidden_dim"):
+        train_s2s.main(args_for(corpus, out, "--resume", "--hidden_dim", "128"))
