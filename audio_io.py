@@ -29,6 +29,8 @@ from config import SAMPLE_RATE
 
 MANIFEST_KEYS = ("path", "text", "voice", "emotion", "role", "intent_id", "duration", "split")
 SPLITS = ("train", "val", "test")
+# S2S pairs per split, in <dataset root>/metadata/ (the file names of the mission's Phase 4)
+PAIRS_FILES = {"train": "train_pairs.json", "val": "validation_pairs.json", "test": "test_pairs.json"}
 
 
 class AudioError(ValueError):

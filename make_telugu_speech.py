@@ -46,12 +46,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from audio_io import SPLITS, audio_duration, save_audio, write_json, write_manifest
+from audio_io import PAIRS_FILES, SPLITS, audio_duration, load_audio, save_audio, write_json, write_manifest
 from config import DATA_DIR, EMOTIONS, SAMPLE_RATE, VOICES, add_workspace_arg, voice_by_name, workspace_from_args
 
 DIALOGS_PATH = DATA_DIR / "dialogs_te.yaml"
 SENTENCES_PATH = DATA_DIR / "sentences_te.txt"
-PAIRS_FILES = {"train": "train_pairs.json", "val": "validation_pairs.json", "test": "test_pairs.json"}
 
 
 class ToolMissingError(RuntimeError):
@@ -864,7 +863,6 @@ def render(plan: Plan, out_dir: Path, workers: int, group_timeout_s: float = 600
 
 def measure_corpus(rows: list[dict], out_dir: Path, max_per_cell: int = 12) -> dict:
     """What the README reports: hours and counts, voice F0, emotion signatures, voice similarity."""
-    from audio_io import load_audio
     from prosody import prosody_signature, semitones
 
     stats: dict = {"splits": {}}
@@ -912,8 +910,6 @@ def voice_similarity(rows: list[dict], out_dir: Path, per_voice: int = 16) -> di
     """Resemblyzer cosine similarity between the four agent voices' centroids (neutral test answers),
     and how often an utterance's nearest centroid is its own voice."""
     from resemblyzer import VoiceEncoder
-
-    from audio_io import load_audio
 
     encoder = VoiceEncoder("cpu", verbose=False)
     embeds = {}

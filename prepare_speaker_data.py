@@ -56,10 +56,10 @@ import torch
 from silero_vad import get_speech_timestamps, load_silero_vad
 from tqdm import tqdm
 
-from audio_io import SPLITS, AudioError, atomic_write, load_audio, read_json, save_audio, write_json, write_manifest
+from audio_io import PAIRS_FILES, SPLITS, AudioError, atomic_write, load_audio, read_json, save_audio, write_json, write_manifest
 from config import SAMPLE_RATE, VOICES, add_workspace_arg, workspace_from_args
 from data_collection import read_collection_manifest
-from make_telugu_speech import PAIRS_FILES, set_level
+from make_telugu_speech import set_level
 from prosody import active_rms_db
 
 with warnings.catch_warnings():  # resemblyzer's webrtcvad imports the deprecated pkg_resources

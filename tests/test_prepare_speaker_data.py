@@ -280,17 +280,21 @@ def test_rerun_reuses_everything_and_a_killed_run_resumes_to_the_same_corpus(pre
     out_dir = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "prepare_speaker_data.py"), "--data_dir", str(data_dir), "--output_dir",
            str(out_dir), "--num_speakers", "4", "--workers", "2", "--seed", "3"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A new session, killed as a whole: SIGKILL to the parent alone would leave its pool workers
+    # running and writing, which is not what a crash, an OOM kill or a lost SSH session does.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not list((out_dir / "work").glob("conv_*.json")):
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert 1 <= len(list((out_dir / "work").glob("conv_*.json"))) < 3, "the kill must land mid-run"
+            os.killpg(proc.pid, signal.SIGKILL)
+    n_conversations = len(list((ref_dir / "work").glob("conv_*.json")))
+    assert 1 <= len(list((out_dir / "work").glob("conv_*.json"))) < n_conversations, "the kill must land mid-run"
     done_before = len(list((out_dir / "work").glob("*.json")))  # the silent file's marker too
     rc, summary = run_prepare(data_dir, out_dir)
     assert rc == 0 and summary["recordings"]["reused"] == done_before
