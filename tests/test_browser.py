@@ -46,10 +46,10 @@ def page_server(tmp_path_factory):
     mic = fake_mic_wav(tmp / "mic.wav", render_speech()["question"])
     samples = tmp / "samples"
     srv.build_samples(samples, count=2)
-    proc, address = start_server(tmp / "server.log", "--max_reply_s", "1.0", "--min_reply_ms", "1000",
-                                 "--samples_dir", str(samples))
-    yield address, mic
-    stop_server(proc)
+    server = start_server(tmp / "server.log", "--max_reply_s", "1.0", "--min_reply_ms", "1000",
+                          "--samples_dir", str(samples))
+    yield server.address, mic
+    stop_server(server)
 
 
 def test_page_talks_to_the_agent(page_server, tmp_path):

@@ -9,17 +9,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 websockets = pytest.importorskip("websockets")
+
+from benchmark_latency import ServerProcess, get_json, stop_server  # noqa: E402
+from benchmark_latency import start_server as start_server_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -30,45 +31,13 @@ MAX_MESSAGE_BYTES = 256 * 1024
 # --------------------------------------------------------------------------------------
 # Server and client helpers (the browser test imports these)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.loads(r.read())
-
-
-def start_server(log_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """Start the server with random tiny models; returns (process, "127.0.0.1:port") once /health answers."""
-    port = free_port()
-    cmd = [sys.executable, str(ROOT / "streaming_server_advanced.py"), "--allow-untrained", "--untrained_preset", "tiny",
-           "--port", str(port), "--threads", "1", "--samples", "off", "--log_level", "warning", *extra]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            get_json(f"http://{address}/health")
-            return proc, address
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server did not come up in 90 s:\n{log_path.read_text()}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def start_server(log_path: Path, *extra: str) -> ServerProcess:
+    """The server with random tiny models, once /health answers. The empty --model_dir keeps the
+    tests on untrained models even where trained ones are shipped."""
+    no_models = log_path.parent / "no_models"
+    no_models.mkdir(exist_ok=True)
+    return start_server_process(log_path, no_models, untrained_preset="tiny", threads=1,
+                                extra=("--log_level", "warning", *extra), timeout_s=90)
 
 
 def render_speech() -> dict[str, np.ndarray]:
@@ -185,13 +154,13 @@ def turn_audio(speech: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc, address = start_server(
+    server = start_server(
         log, "--max_reply_s", str(REPLY_S), "--min_reply_ms", str(int(1000 * REPLY_S)), "--max_sessions", "24",
         "--idle_timeout_s", "3", "--max_message_bytes", str(MAX_MESSAGE_BYTES), "--playback_report_wait_ms", "400",
         "--rate_limit_messages", "100",
     )
-    yield address
-    stop_server(proc)
+    yield server.address
+    stop_server(server)
 
 
 @pytest.fixture(scope="module")
