@@ -29,6 +29,7 @@ Usage:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import os
@@ -220,7 +221,7 @@ def conv_transpose1d(x, weight, bias, stride: int):
 # Streaming layers
 
 
-class StreamingLayer(nn.Module):
+class StreamingLayer(nn.Module, abc.ABC):
     """A layer with memory across chunks. `_state` is None offline, a small object while streaming.
 
     The layers own `weight` and `bias` directly (weight-normed while training) rather than
@@ -230,8 +231,9 @@ class StreamingLayer(nn.Module):
         super().__init__()
         self._state = None
 
+    @abc.abstractmethod
     def init_state(self, batch_size: int):
-        raise NotImplementedError
+        """The state object this layer keeps across chunks, for a batch of `batch_size`."""
 
 
 @dataclass
