@@ -274,31 +274,27 @@ class TurnResult:
     early_replies: int  # replies that started before the utterance ended (a pause taken as end of turn)
 
 
-class AgentClient:
-    """One WebSocket session driven like the page: a microphone task sends 20 ms frames at real
-    time for the whole session (queued speech, else silence), and a reader records every event
-    and reply frame with its arrival time (time.perf_counter)."""
+class SessionClient:
+    """One WebSocket session: a reader task records every event and every reply frame (its PCM
+    kept per response id) with its arrival time (time.perf_counter)."""
 
     def __init__(self, ws):
         self.ws = ws
         self.events: list[dict] = []
         self.frames: list[tuple[int, int, int, float]] = []  # (response_id, offset, samples, arrival)
+        self.audio: dict[int, list[np.ndarray]] = {}  # response_id -> reply PCM chunks, float32
         self.changed = asyncio.Event()
         self.closed = False
-        self.queued = np.zeros(0, dtype=np.float32)  # speech waiting to be "captured"
-        self.queued_from = 0  # absolute sample index of queued[0]
-        self.send_times: list[float] = []  # perf_counter when frame i was sent
         self.reader = asyncio.create_task(self._read())
-        self.microphone = asyncio.create_task(self._microphone())
 
     @classmethod
-    async def connect(cls, address: str, session_id: str, **settings) -> AgentClient:
+    async def connect(cls, address: str, session_id: str, **settings):
         import websockets
 
         client = cls(await websockets.connect(f"ws://{address}/ws/{session_id}", max_size=None))
         await client.wait("session_created")
         if settings:
-            await client.ws.send(json.dumps({"type": "session", **settings}))
+            await client.send_json({"type": "session", **settings})
             await client.wait("session_updated")
         return client
 
@@ -309,8 +305,10 @@ class AgentClient:
             async for message in self.ws:
                 now = time.perf_counter()
                 if isinstance(message, bytes):
-                    rid, offset = np.frombuffer(message[:8], dtype="<u4")
-                    self.frames.append((int(rid), int(offset), (len(message) - 8) // 2, now))
+                    rid, offset = (int(x) for x in np.frombuffer(message[:8], dtype="<u4"))
+                    pcm = np.frombuffer(message[8:], dtype="<i2").astype(np.float32) / 32768
+                    self.frames.append((rid, offset, len(pcm), now))
+                    self.audio.setdefault(rid, []).append(pcm)
                 else:
                     event = json.loads(message)
                     event["_t"] = now
@@ -321,6 +319,56 @@ class AgentClient:
         finally:
             self.closed = True
             self.changed.set()
+
+    def find(self, type_: str, **match) -> list[dict]:
+        return [e for e in self.events if e["type"] == type_ and all(e.get(k) == v for k, v in match.items())]
+
+    async def until(self, predicate, timeout: float, what: str):
+        """Wait until predicate() returns something truthy (checked on every message); return it."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            result = predicate()
+            if result:
+                return result
+            if self.closed:
+                raise RuntimeError(f"the connection closed while waiting for {what}; events: {self.types()[-12:]}")
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise RuntimeError(f"no {what} within {timeout:g} s; last events: {self.types()[-12:]}")
+            self.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+    async def wait(self, type_: str, timeout: float = 30.0, count: int = 1, **match) -> dict:
+        """The first event of this type (and fields); with count, the count-th."""
+        def found():
+            events = self.find(type_, **match)
+            return events[count - 1] if len(events) >= count else None
+
+        return await self.until(found, timeout, f"{type_} {match}")
+
+    def types(self) -> list[str]:
+        return [e["type"] if e["type"] != "error" else f"error:{e.get('code')}" for e in self.events]
+
+    async def send_json(self, obj) -> None:
+        await self.ws.send(json.dumps(obj))
+
+    async def close(self) -> None:
+        self.closed = True
+        await self.ws.close()
+        await self.reader
+
+
+class AgentClient(SessionClient):
+    """A session driven like the page: a microphone task sends 20 ms frames at real time for the
+    whole session (queued speech, else silence)."""
+
+    def __init__(self, ws):
+        super().__init__(ws)
+        self.queued = np.zeros(0, dtype=np.float32)  # speech waiting to be "captured"
+        self.queued_from = 0  # absolute sample index of queued[0]
+        self.send_times: list[float] = []  # perf_counter when frame i was sent
+        self.microphone = asyncio.create_task(self._microphone())
 
     async def _microphone(self) -> None:
         """Frame i goes out when its last sample would have been captured: start + (i + 1) * 20 ms."""
@@ -368,31 +416,6 @@ class AgentClient:
                 raise RuntimeError(f"the microphone stopped before sample {sample} was sent")
             await asyncio.sleep(0.01)
         return self.send_times[frame]
-
-    def find(self, type_: str, **match) -> list[dict]:
-        return [e for e in self.events if e["type"] == type_ and all(e.get(k) == v for k, v in match.items())]
-
-    async def until(self, predicate, timeout: float, what: str):
-        """Wait until predicate() returns something truthy (checked on every message); return it."""
-        deadline = time.perf_counter() + timeout
-        while True:
-            result = predicate()
-            if result:
-                return result
-            if self.closed:
-                raise RuntimeError(f"the connection closed while waiting for {what}; events: {self.types()[-12:]}")
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                raise RuntimeError(f"no {what} within {timeout:g} s; last events: {self.types()[-12:]}")
-            self.changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-
-    async def wait(self, type_: str, timeout: float = 30.0, **match) -> dict:
-        return await self.until(lambda: next(iter(self.find(type_, **match)), None), timeout, f"{type_} {match}")
-
-    def types(self) -> list[str]:
-        return [e["type"] if e["type"] != "error" else f"error:{e.get('code')}" for e in self.events]
 
     def last_response_id(self) -> int:
         ids = [f[0] for f in self.frames] + [e["response_id"] for e in self.events if "response_id" in e]
@@ -458,9 +481,7 @@ class AgentClient:
         )
 
     async def close(self) -> None:
-        self.closed = True
-        await self.ws.close()
-        await self.reader
+        await super().close()
         with contextlib.suppress(Exception):
             await self.microphone
 

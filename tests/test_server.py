@@ -19,7 +19,7 @@ import pytest
 
 websockets = pytest.importorskip("websockets")
 
-from benchmark_latency import ServerProcess, get_json, stop_server  # noqa: E402
+from benchmark_latency import ServerProcess, SessionClient, get_json, pcm16, stop_server  # noqa: E402
 from benchmark_latency import start_server as start_server_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,81 +53,12 @@ def render_speech() -> dict[str, np.ndarray]:
         pytest.skip(f"Telugu TTS not installed: {e}")
 
 
-def pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-
-
 def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * SR), dtype=np.float32)
 
 
-class Client:
-    """A websockets client that records every event and reply frame as it arrives."""
-
-    def __init__(self, ws):
-        self.ws = ws
-        self.events: list[dict] = []
-        self.frames: list[tuple[int, int, int, float]] = []  # (response_id, offset, samples, arrival time)
-        self.audio: dict[int, list[np.ndarray]] = {}
-        self.changed = asyncio.Event()
-        self.closed = False
-        self.reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def connect(cls, address: str, session_id: str, **settings) -> "Client":
-        client = cls(await websockets.connect(f"ws://{address}/ws/{session_id}", max_size=None))
-        await client.wait("session_created")
-        if settings:
-            await client.send_json({"type": "session", **settings})
-            await client.wait("session_updated")
-        return client
-
-    async def _read(self):
-        try:
-            async for message in self.ws:
-                now = time.perf_counter()
-                if isinstance(message, bytes):
-                    rid, offset = np.frombuffer(message[:8], dtype="<u4")
-                    pcm = np.frombuffer(message[8:], dtype="<i2").astype(np.float32) / 32768
-                    self.frames.append((int(rid), int(offset), len(pcm), now))
-                    self.audio.setdefault(int(rid), []).append(pcm)
-                else:
-                    event = json.loads(message)
-                    event["_t"] = now
-                    self.events.append(event)
-                self.changed.set()
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self.closed = True
-            self.changed.set()
-
-    def find(self, type_: str, **match) -> list[dict]:
-        return [e for e in self.events if e["type"] == type_ and all(e.get(k) == v for k, v in match.items())]
-
-    async def wait(self, type_: str, timeout: float = 30.0, count: int = 1, **match) -> dict:
-        """The first event of this type (and fields); with count, the count-th."""
-        deadline = time.perf_counter() + timeout
-        while True:
-            found = self.find(type_, **match)
-            if len(found) >= count:
-                return found[count - 1]
-            if self.closed:
-                raise AssertionError(f"connection closed before {type_} {match}; events: {self.types()}")
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                raise AssertionError(f"no {type_} {match} within {timeout} s; events: {self.types()}")
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
-
-    def types(self) -> list[str]:
-        return [e["type"] if e["type"] != "error" else f"error:{e['code']}" for e in self.events]
-
-    async def send_json(self, obj) -> None:
-        await self.ws.send(json.dumps(obj))
+class Client(SessionClient):
+    """The benchmark's session client, plus sending speech as fast as possible or at real time."""
 
     async def send_audio(self, audio: np.ndarray, realtime: bool = False) -> None:
         """PCM16 binary frames: 20 ms ones paced at real time, or 100 ms ones as fast as possible."""
@@ -137,10 +68,6 @@ class Client:
             await self.ws.send(pcm16(audio[i : i + frame]))
             if realtime:
                 await asyncio.sleep(max(0.0, start + (i + frame) / SR - time.perf_counter()))
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self.reader
 
 
 def turn_audio(speech: np.ndarray) -> np.ndarray:
