@@ -7,7 +7,9 @@ Mission, Phase 3 (GPU):
 Several GPUs:      torchrun --nproc_per_node 8 train_codec_dac.py ...same flags...
 Demo size on CPU:  nice python train_codec_dac.py --preset demo --data_dir workspace/telugu_synth \\
                        --output_dir runs/codec_demo --batch_size 8 --max_steps 400 --val_every 100
-Resume:            the same command plus --resume runs/codec_demo/last.pt
+Resume:            python train_codec_dac.py --resume runs/codec_demo/last.pt --output_dir runs/codec_demo ...
+                   (configs and the schedule flags --num_epochs, --use_discriminators,
+                   --discriminator_start_epoch and --seed come from the checkpoint unless given)
 
 --data_dir, the first layout that matches:
     manifests/train.jsonl + manifests/val.jsonl    (make_telugu_speech.py, prepare_speaker_data.py)
@@ -261,10 +263,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_dir", default=None, help="dataset root (manifests/, train/+val/, or WAVs); default <workspace>/telugu_synth")
     p.add_argument("--output_dir", default=None, help="checkpoints and logs; default <workspace>/models/codec")
     p.add_argument("--batch_size", type=int, default=None, help=f"clips per process per step (default {TrainConfig.batch_size})")
-    p.add_argument("--num_epochs", type=int, default=100, help="epochs; the LR schedule spans them (default 100)")
+    p.add_argument("--num_epochs", type=int, default=None, help="epochs; the LR schedule spans them (default 100)")
     p.add_argument("--learning_rate", type=float, default=None, help=f"peak Adam LR, both networks (default {TrainConfig.learning_rate})")
-    p.add_argument("--use_discriminators", action="store_true", help="add adversarial + feature-matching losses")
-    p.add_argument("--discriminator_start_epoch", type=int, default=0, help="first epoch with the GAN losses (default 0)")
+    p.add_argument("--use_discriminators", action="store_true", default=None, help="add adversarial + feature-matching losses")
+    p.add_argument("--discriminator_start_epoch", type=int, default=None, help="first epoch with the GAN losses (default 0)")
     p.add_argument("--wandb_project", default=None, help="log to this Weights & Biases project (off by default; needs `pip install wandb`)")
     p.add_argument("--resume", default=None, help="a last.pt / best_codec.pt to continue from (configs come from it)")
     p.add_argument("--config", default=None, help='JSON overrides: {"codec": {...}, "discriminator": {...}, "train": {...}}')
@@ -276,14 +278,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--num_workers", type=int, default=2, help="data loader processes per training process (default 2)")
     p.add_argument("--segment_seconds", type=float, default=None, help=f"training crop length (default {TrainConfig.segment_seconds})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     args = p.parse_args(argv)
     for name in ("num_epochs", "val_every", "save_every", "log_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max_steps must be >= 1")
     return args
+
+
+# The flags that shape a run's schedule: a resumed run takes them from its checkpoint unless they
+# are given again, so "--resume last.pt" alone continues the run it came from step for step.
+SCHEDULE_FLAGS = {"num_epochs": 100, "use_discriminators": False, "discriminator_start_epoch": 0, "seed": 0}
+
+
+def resolve_schedule_flags(args, saved: dict | None, log=print) -> None:
+    """Fill the schedule flags left unset: from the checkpoint's args when resuming, else defaults."""
+    changed = []
+    for name, default in SCHEDULE_FLAGS.items():
+        given = getattr(args, name)
+        raw = (saved or {}).get(name)
+        before = default if raw is None else (raw == "True" if isinstance(default, bool) else type(default)(raw))
+        if given is None:
+            setattr(args, name, before if saved is not None else default)
+        elif saved is not None and given != before:
+            changed.append(f"--{name} {before} -> {given}")
+    if changed:
+        log(f"note: resuming with changed schedule flags ({', '.join(changed)}): the run will not match an "
+            "uninterrupted one; drop these flags to keep the checkpoint's")
 
 
 # --------------------------------------------------------------------------------------
@@ -310,6 +333,7 @@ def main(argv=None) -> dict:
             log(f"note: resuming, so {' '.join(ignored)} are ignored: the codec, discriminator and training configs come from the checkpoint")
     else:
         codec_cfg, disc_cfg, train_cfg = build_configs(args)
+    resolve_schedule_flags(args, resume.get("args", {}) if resume is not None else None, log)
 
     # Data: every rank scans the same files and gets the same lists.
     train_files, val_files, layout = find_audio(data_dir)

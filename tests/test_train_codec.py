@@ -171,7 +171,8 @@ def test_find_audio_reads_all_three_layouts(tmp_path):
 
 def test_resume_continues_the_loss_curve_exactly(tmp_path):
     """6 steps in one run == 3 steps, stop, resume to 6. With 2 steps per epoch the GAN starts
-    at step 3, so the discriminator, both optimizers, schedulers and the RNG must all be restored."""
+    at step 3, so the discriminator, both optimizers, schedulers and the RNG must all be restored.
+    The resumed run is not given the GAN flags: the schedule flags come from the checkpoint."""
     data = write_tree(tmp_path / "wavs", n_good=10, bad=False)
     cfg = tiny_config(tmp_path)
     gan = ["--use_discriminators", "--discriminator_start_epoch", "1"]
@@ -179,7 +180,7 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path):
     train_codec_dac.main(train_args(data, full, cfg, "--max_steps", "6", *gan))
     train_codec_dac.main(train_args(data, part, cfg, "--max_steps", "3", *gan))
     assert torch.load(part / "last.pt")["step"] == 3
-    train_codec_dac.main(train_args(data, part, cfg, "--max_steps", "6", "--resume", str(part / "last.pt"), *gan))
+    train_codec_dac.main(train_args(data, part, cfg, "--max_steps", "6", "--resume", str(part / "last.pt")))
 
     a, b = train_rows(full), train_rows(part)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -233,3 +234,17 @@ def test_ddp_two_processes_with_gloo(tmp_path):
     assert ckpt["batches_per_epoch"] == len(train_codec_dac.find_audio(data)[0]) // 2 // 2
     rows = train_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and all("discriminator_loss" in r for r in rows)
+
+
+def test_resume_schedule_flags_come_from_the_checkpoint_unless_given():
+    saved = {"num_epochs": "40", "use_discriminators": "True", "discriminator_start_epoch": "4", "seed": "0"}
+    args = train_codec_dac.parse_args(["--resume", "x.pt"])
+    train_codec_dac.resolve_schedule_flags(args, saved)
+    assert (args.num_epochs, args.use_discriminators, args.discriminator_start_epoch, args.seed) == (40, True, 4, 0)
+    notes = []
+    args = train_codec_dac.parse_args(["--resume", "x.pt", "--num_epochs", "100"])
+    train_codec_dac.resolve_schedule_flags(args, saved, notes.append)
+    assert args.num_epochs == 100 and "--num_epochs 40 -> 100" in notes[0]
+    args = train_codec_dac.parse_args([])  # a fresh run: the documented defaults
+    train_codec_dac.resolve_schedule_flags(args, None)
+    assert (args.num_epochs, args.use_discriminators, args.discriminator_start_epoch, args.seed) == (100, False, 0, 0)
