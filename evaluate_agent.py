@@ -1,0 +1,422 @@
+"""How well the trained agent answers: reply accuracy, voices, emotions and context on a held-out split.
+
+    python evaluate_agent.py --model_dir checkpoints/demo --data_dir workspace/telugu_synth --split test
+
+The test split holds question paraphrases and user voices that training never saw. For each pair,
+the user's question (a WAV) goes through the codec and the S2S model exactly as in the server
+(offline encode, the server's sampling settings), and the reply is decoded to audio. Then:
+
+  reply accuracy   the reply is scored against the reference rendering of every answer in the
+                   requested voice and emotion, by DTW over log-mel frames (cost per path step);
+                   it is correct when the nearest rendering is the intended answer. Chance is
+                   1 / (number of answers), 1/172 on the shipped corpus. Top-5 is given too.
+  repeat that      "repeat that" turns with the previous exchange as context: correct when the
+                   nearest rendering is the previous answer.
+  what did I ask   "what did I ask" turns: nearest among the recall renderings in that voice.
+  voices           resemblyzer embeddings of the replies against the voices' centroids from
+                   the split's neutral agent recordings: the share that lands on its own voice.
+  emotions         per emotion, the replies' median F0 (semitones), active energy (dB) and
+                   voiced time (ratio) relative to the same voice's neutral replies, next to the
+                   same figures measured on the intended reference renderings (the design).
+  codec            PESQ-WB, STOI, SNR of the split's recordings through the codec alone.
+
+Writes <out>/evaluation.json, <out>/evaluation.md and a few replies as WAVs to listen to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import audio_metrics
+from audio_io import SPLITS, load_audio, read_json, read_manifest, save_audio, write_json
+from config import DEMO_MODEL_DIR, EMOTIONS, SAMPLE_RATE, add_workspace_arg, workspace_from_args
+from prosody import prosody_signature, semitones
+from s2s_transformer import ROLE_AGENT, ROLE_USER, ContextTurns, TeluguS2STransformer
+from telugu_codec import TeluCodec
+
+PAIR_FILES = {"train": "train_pairs.json", "val": "validation_pairs.json", "test": "test_pairs.json"}
+MEL_HOP = 160  # 10 ms frames for the DTW
+
+
+# --------------------------------------------------------------------------------------
+# Scoring
+
+
+def log_mel(wav: np.ndarray) -> np.ndarray:
+    """(T,) audio -> (frames, 80) log-mel, each frame mean-removed (so loudness does not count)."""
+    import librosa
+
+    mel = librosa.feature.melspectrogram(y=wav.astype(np.float32), sr=SAMPLE_RATE, n_fft=512, hop_length=MEL_HOP,
+                                         n_mels=80, fmin=50, fmax=7600)
+    x = np.log(mel + 1e-5).T
+    return x - x.mean(axis=1, keepdims=True)
+
+
+def dtw_cost(a: np.ndarray, b: np.ndarray) -> float:
+    """DTW alignment cost between two (frames, D) sequences, Euclidean frame distance, divided by
+    the path length: comparable across answers of different lengths."""
+    import librosa
+
+    if len(a) == 0 or len(b) == 0:
+        return math.inf
+    cost, path = librosa.sequence.dtw(X=a.T, Y=b.T, metric="euclidean", backtrack=True)
+    return float(cost[-1, -1] / len(path))
+
+
+def rank_candidates(reply: np.ndarray, candidates: dict[str, np.ndarray]) -> list[str]:
+    """Candidate keys (e.g. answer texts) sorted nearest first by DTW over log-mel; `candidates`
+    maps key -> log-mel features of its reference rendering."""
+    feats = log_mel(reply)
+    costs = {k: dtw_cost(feats, ref) for k, ref in candidates.items()}
+    return sorted(costs, key=costs.get)
+
+
+def voices_told_apart(embeds: list[tuple[str, np.ndarray]], centroids: dict[str, np.ndarray]) -> tuple[int, dict]:
+    """How many (voice, unit embedding) pairs lie nearest, by cosine, to their own voice's centroid;
+    and the confusion counts {true: {predicted: n}}."""
+    confusion: dict = defaultdict(lambda: defaultdict(int))
+    correct = 0
+    for voice, e in embeds:
+        guess = max(centroids, key=lambda v: float(e @ centroids[v]))
+        confusion[voice][guess] += 1
+        correct += guess == voice
+    return correct, {k: dict(v) for k, v in confusion.items()}
+
+
+def emotion_table(rows: list[dict]) -> dict:
+    """Per emotion, mean shifts against the same voice's neutral items: F0 in semitones, energy in
+    dB, voiced time as a ratio. rows: {"voice", "emotion", "f0", "energy", "voiced"}."""
+    neutral = defaultdict(list)
+    for r in rows:
+        if r["emotion"] == "neutral":
+            neutral[r["voice"]].append(r)
+    base = {}
+    for v, rs in neutral.items():
+        f0 = [r["f0"] for r in rs if np.isfinite(r["f0"])]
+        base[v] = (float(np.exp(np.mean(np.log(f0)))) if f0 else math.nan,
+                   float(np.mean([r["energy"] for r in rs])), float(np.mean([r["voiced"] for r in rs])))
+    table = {}
+    for emo in EMOTIONS:
+        mine = [r for r in rows if r["emotion"] == emo and r["voice"] in base]
+        if not mine:
+            continue
+        f0 = [semitones(r["f0"], base[r["voice"]][0]) for r in mine if np.isfinite(r["f0"]) and np.isfinite(base[r["voice"]][0])]
+        table[emo] = {"n": len(mine),
+                      "f0_st": round(float(np.mean(f0)), 2) if f0 else None,
+                      "energy_db": round(float(np.mean([r["energy"] - base[r["voice"]][1] for r in mine])), 2),
+                      "voiced_ratio": round(float(np.mean([r["voiced"] / max(base[r["voice"]][2], 1e-3) for r in mine])), 3)}
+    return table
+
+
+def signature_agreement(generated: dict, reference: dict) -> dict:
+    """Per feature, over the non-neutral emotions: the correlation of the generated shifts with the
+    reference shifts, and how many have the same sign (shifts under a small dead band count as 0)."""
+    out = {}
+    dead = {"f0_st": 0.5, "energy_db": 0.5, "voiced_ratio": 0.03}
+    for feat, band in dead.items():
+        centre = 1.0 if feat == "voiced_ratio" else 0.0
+        pairs = [(generated[e][feat], reference[e][feat]) for e in reference
+                 if e != "neutral" and e in generated and generated[e][feat] is not None and reference[e][feat] is not None]
+        if len(pairs) < 2:
+            continue
+        g, r = np.array(pairs).T
+        sign = lambda x: np.where(np.abs(x - centre) < band, 0, np.sign(x - centre))  # noqa: E731
+        corr = float(np.corrcoef(g, r)[0, 1]) if g.std() > 0 and r.std() > 0 else math.nan
+        out[feat] = {"correlation": round(corr, 3), "same_sign": int((sign(g) == sign(r)).sum()), "of": len(pairs)}
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Data
+
+
+def load_split(data_dir: Path, split: str) -> tuple[list[dict], list[dict]]:
+    """(pairs, agent manifest rows of every split) with absolute paths."""
+    pairs_path = data_dir / "metadata" / PAIR_FILES[split]
+    if not pairs_path.is_file():
+        raise SystemExit(f"{pairs_path} not found: --data_dir must be a corpus from make_telugu_speech.py "
+                         "(python make_telugu_speech.py --workers 2 builds it)")
+    pairs = read_json(pairs_path)
+    for p in pairs:
+        for key in ("target_text", "intent_id", "voice", "emotion"):
+            if key not in p:
+                raise SystemExit(f"{pairs_path}: pairs lack {key!r}; this evaluation needs the synthetic corpus's "
+                                 "labelled pairs (make_telugu_speech.py), not prepare_speaker_data.py's")
+    agent = []
+    for s in SPLITS:
+        path = data_dir / "manifests" / f"{s}.jsonl"
+        if path.is_file():
+            agent += [r for r in read_manifest(path) if r.get("role") == "agent"]
+    if not agent:
+        raise SystemExit(f"{data_dir}/manifests holds no agent recordings: rebuild the corpus")
+    fix = lambda p: str(Path(p) if Path(p).is_absolute() else data_dir / p)  # noqa: E731
+    for p in pairs:
+        p["input_path"], p["target_path"] = fix(p["input_path"]), fix(p["target_path"])
+        for h in p.get("history") or []:
+            h["input_path"], h["target_path"] = fix(h["input_path"]), fix(h["target_path"])
+    for r in agent:
+        r["path"] = fix(r["path"])
+    return pairs, agent
+
+
+def spread(items: list, n: int) -> list:
+    """n items evenly spaced through the list (deterministic, covers every intent block)."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    return [items[int(i * len(items) / n)] for i in range(n)]
+
+
+def select_pairs(pairs: list[dict], n_first: int, n_context: int) -> dict[str, list[dict]]:
+    first = [p for p in pairs if not p.get("history") and not p["intent_id"].startswith("ctx_")]
+    repeat = [p for p in pairs if p["intent_id"] == "ctx_repeat_that" and p.get("history")]
+    recall = [p for p in pairs if p["intent_id"] == "ctx_what_did_i_ask" and p.get("history")]
+    return {"first_turn": spread(first, n_first), "repeat_that": spread(repeat, n_context),
+            "what_did_i_ask": spread(recall, n_context)}
+
+
+# --------------------------------------------------------------------------------------
+# Running the models
+
+
+class Agent:
+    """Codec + S2S as the server runs them, offline: question WAV -> reply audio."""
+
+    def __init__(self, model_dir: Path, device: torch.device, temperature: float, top_k: int, max_reply_s: float,
+                 codec_only: bool = False):
+        for sub in ("codec",) if codec_only else ("codec", "s2s"):
+            if not (model_dir / sub / "model.safetensors").is_file():
+                raise SystemExit(f"{model_dir / sub}/model.safetensors not found: --model_dir needs codec/ and s2s/ "
+                                 f"model folders (the shipped ones are in {DEMO_MODEL_DIR})")
+        self.codec = TeluCodec.from_pretrained(model_dir / "codec", map_location=device)
+        self.s2s = None if codec_only else TeluguS2STransformer.from_pretrained(model_dir / "s2s", map_location=device).eval()
+        self.device, self.temperature, self.top_k = device, temperature, top_k
+        self.max_steps = 0 if codec_only else int(max_reply_s * 1000 / self.s2s.config.step_ms)
+        self._codes: dict[str, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def codes(self, path: str) -> torch.Tensor:
+        if path not in self._codes:
+            wav = torch.from_numpy(load_audio(path)).to(self.device)
+            self._codes[path] = self.codec.encode(wav[None, None])[0].cpu()
+        return self._codes[path]
+
+    def context(self, pairs: list[dict]) -> ContextTurns | None:
+        convs = []
+        for p in pairs:
+            turns = [t for h in p.get("history") or [] for t in ((ROLE_USER, self.codes(h["input_path"])),
+                                                                 (ROLE_AGENT, self.codes(h["target_path"])))]
+            convs.append(turns[-self.s2s.config.max_context_turns:])
+        if not any(convs):
+            return None
+        return ContextTurns.from_turns(convs).to(self.device)
+
+    @torch.inference_mode()
+    def round_trip(self, path: str) -> np.ndarray:
+        return self.codec.decode(self.codes(path)[None].to(self.device))[0, 0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def reply(self, pair: dict, seed: int) -> np.ndarray:
+        """The decoded reply (T,) to one pair, one conversation at a time as in the server."""
+        torch.manual_seed(seed)
+        codes = self.codes(pair["input_path"])[None].to(self.device)
+        out = self.s2s.generate(codes, torch.tensor([pair["speaker_id"]], device=self.device),
+                                torch.tensor([pair["emotion_id"]], device=self.device), max_new_tokens=self.max_steps,
+                                context=self.context([pair]), temperature=self.temperature, top_k=self.top_k or None)[0]
+        if out.shape[1] == 0:
+            return np.zeros(0, np.float32)
+        return self.codec.decode(out[None].to(self.device))[0, 0].float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workspace_arg(p)
+    p.add_argument("--model_dir", default=str(DEMO_MODEL_DIR), help=f"codec/ + s2s/ model folders (default {DEMO_MODEL_DIR})")
+    p.add_argument("--data_dir", default=None, help="the corpus (default <workspace>/telugu_synth)")
+    p.add_argument("--split", default="test", choices=sorted(PAIR_FILES), help="pairs to evaluate (default test)")
+    p.add_argument("--num_pairs", type=int, default=288, help="first-turn pairs, spread over the split (0: all)")
+    p.add_argument("--num_context", type=int, default=48, help="'repeat that' and 'what did I ask' pairs each (0: all)")
+    p.add_argument("--codec_files", type=int, default=48, help="recordings for the codec-only figures")
+    p.add_argument("--print_every", type=int, default=24, help="progress line every N replies")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (the server's default 0.8; 0 greedy)")
+    p.add_argument("--top_k", type=int, default=50, help="top-k sampling (the server's default 50; 0 off)")
+    p.add_argument("--max_reply_s", type=float, default=6.0, help="longest reply (answers are at most ~4 s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--oracle", action="store_true",
+                   help="calibration: score the codec round trip of each intended reference instead of the S2S "
+                        "reply (the best this codec and metric allow)")
+    p.add_argument("--save_wavs", type=int, default=12, help="replies written as WAVs for listening")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="runs/evaluation", help="output folder (default runs/evaluation)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_dir = Path(args.data_dir) if args.data_dir else workspace_from_args(args).synth_corpus
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+
+    pairs, agent_rows = load_split(data_dir, args.split)
+    chosen = select_pairs(pairs, args.num_pairs, args.num_context)
+    agent = Agent(Path(args.model_dir), device, args.temperature, args.top_k, args.max_reply_s, codec_only=args.oracle)
+
+    # Reference renderings by (voice, emotion, kind): text -> log-mel, loaded when first needed.
+    by_cell: dict[tuple, dict[str, str]] = defaultdict(dict)
+    for r in agent_rows:
+        by_cell[(r["voice"], r["emotion"], r.get("kind", "answer"))].setdefault(r["text"], r["path"])
+    feats_cache: dict[str, np.ndarray] = {}
+
+    def candidates(voice, emotion, kind) -> dict[str, np.ndarray]:
+        cell = by_cell.get((voice, emotion, kind))
+        if not cell:
+            raise SystemExit(f"no {kind} renderings of {voice}/{emotion} in {data_dir}/manifests: rebuild the corpus")
+        for text, path in cell.items():
+            if path not in feats_cache:
+                feats_cache[path] = log_mel(load_audio(path))
+        return {text: feats_cache[path] for text, path in cell.items()}
+
+    results: dict[str, list[dict]] = {}
+    saved = 0
+    for group, items in chosen.items():
+        kind = "recall" if group == "what_did_i_ask" else "answer"
+        rows = []
+        for b in range(0, len(items), args.print_every):
+            batch = items[b : b + args.print_every]
+            for i, p in enumerate(batch):
+                wav = agent.round_trip(p["target_path"]) if args.oracle else agent.reply(p, seed=args.seed + b + i)
+                cands = candidates(p["voice"], p["emotion"], kind)
+                ranked = rank_candidates(wav, cands) if len(wav) else []
+                rank = ranked.index(p["target_text"]) + 1 if p["target_text"] in ranked else None
+                sig = prosody_signature(wav) if len(wav) > SAMPLE_RATE // 10 else None
+                rows.append({"intent_id": p["intent_id"], "voice": p["voice"], "emotion": p["emotion"],
+                             "user_voice": p.get("user_voice"), "target_text": p["target_text"],
+                             "nearest_text": ranked[0] if ranked else None, "rank": rank, "candidates": len(cands),
+                             "reply_s": round(len(wav) / SAMPLE_RATE, 3),
+                             "f0": sig.f0_median_hz if sig else math.nan, "energy": sig.energy_db if sig else math.nan,
+                             "voiced": sig.voiced_seconds if sig else 0.0, "wav": wav})
+                if saved < args.save_wavs:
+                    name = f"{group}_{len(rows):03d}_{p['intent_id']}_{p['voice']}_{p['emotion']}.wav"
+                    save_audio(out / "replies" / name, wav if len(wav) else np.zeros(160, np.float32))
+                    saved += 1
+            done = sum(r["rank"] == 1 for r in rows)
+            print(f"  {group}: {len(rows)}/{len(items)} replies, {done} nearest to the intended reply "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        results[group] = rows
+
+    def accuracy(rows, k=1):
+        return sum(r["rank"] is not None and r["rank"] <= k for r in rows) / max(len(rows), 1)
+
+    first = results["first_turn"]
+    report: dict = {"model_dir": str(args.model_dir), "data_dir": str(data_dir), "split": args.split,
+                    "reply_source": "codec round trip of the intended reference (--oracle)" if args.oracle else "S2S",
+                    "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
+    for group, rows in results.items():
+        report[group] = {"n": len(rows), "accuracy": round(accuracy(rows), 4), "top5": round(accuracy(rows, 5), 4),
+                         "chance": round(1 / max(rows[0]["candidates"], 1), 4) if rows else None,
+                         "median_reply_s": round(float(np.median([r["reply_s"] for r in rows])), 3) if rows else None}
+    by_voice = defaultdict(list)
+    for r in first:
+        by_voice[r["voice"]].append(r)
+    report["first_turn"]["by_voice"] = {v: round(accuracy(rs), 4) for v, rs in sorted(by_voice.items())}
+
+    # Voices: the replies' speaker embeddings against the split's neutral agent recordings.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from resemblyzer import VoiceEncoder
+    encoder = VoiceEncoder("cpu", verbose=False)
+    unit = lambda x: x / max(float(np.linalg.norm(x)), 1e-9)  # noqa: E731
+    refs = defaultdict(list)
+    for r in agent_rows:
+        if r.get("split") == args.split and r["emotion"] == "neutral" and r.get("kind") == "answer" and len(refs[r["voice"]]) < 16:
+            refs[r["voice"]].append(encoder.embed_utterance(load_audio(r["path"])))
+    centroids = {v: unit(np.mean(e, axis=0)) for v, e in refs.items()}
+    embeds = [(r["voice"], encoder.embed_utterance(r["wav"])) for r in first if r["reply_s"] >= 0.3]
+    correct, confusion = voices_told_apart(embeds, centroids)
+    report["voices"] = {"n": len(embeds), "accuracy": round(correct / max(len(embeds), 1), 4), "confusion": confusion,
+                        "reference": "centroids of 16 neutral agent recordings per voice"}
+
+    # Emotions: shifts in the replies next to the shifts in the intended reference renderings.
+    gen_rows = [{k: r[k] for k in ("voice", "emotion", "f0", "energy", "voiced")} for r in first if r["reply_s"] >= 0.3]
+    ref_rows = []
+    for p in chosen["first_turn"]:
+        sig = prosody_signature(load_audio(p["target_path"]))
+        ref_rows.append({"voice": p["voice"], "emotion": p["emotion"], "f0": sig.f0_median_hz,
+                         "energy": sig.energy_db, "voiced": sig.voiced_seconds})
+    gen_table, ref_table = emotion_table(gen_rows), emotion_table(ref_rows)
+    report["emotions"] = {"generated": gen_table, "reference": ref_table,
+                          "agreement": signature_agreement(gen_table, ref_table)}
+
+    # The codec alone on the split's recordings (user and agent).
+    rows = read_manifest(data_dir / "manifests" / f"{args.split}.jsonl")
+    codec_rows = spread(rows, args.codec_files)
+    metrics = defaultdict(list)
+    with torch.inference_mode():
+        for r in codec_rows:
+            path = r["path"] if Path(r["path"]).is_absolute() else str(data_dir / r["path"])
+            wav = load_audio(path)
+            rec = agent.codec.decode(agent.codec.encode(torch.from_numpy(wav)[None, None].to(device)))[0, 0].cpu().numpy()
+            for k, v in audio_metrics.all_metrics(wav, rec[: len(wav)]).items():
+                metrics[k].append(v)
+    report["codec"] = {k: round(float(np.mean(v)), 3) for k, v in metrics.items()} | {"n": len(codec_rows)}
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+
+    for rows in results.values():
+        for r in rows:
+            r.pop("wav")
+            for k in ("f0", "energy"):
+                r[k] = None if not np.isfinite(r[k]) else round(float(r[k]), 2)
+    write_json(out / "evaluation.json", {**report, "replies": results})
+    md = markdown(report)
+    (out / "evaluation.md").write_text(md)
+    print(md)
+    return report
+
+
+def markdown(r: dict) -> str:
+    lines = [f"Evaluation on the {r['split']} split ({r['model_dir']}; sampling T={r['temperature']}, top-k {r['top_k']})", "",
+             "| measure | result | chance / target |", "|---|---|---|"]
+    for group, label, target in (("first_turn", "reply accuracy (nearest answer by DTW)", ">= 90%"),
+                                 ("repeat_that", "'repeat that' reproduces the previous answer", "-"),
+                                 ("what_did_i_ask", "'what did I ask' recalls the question", "-")):
+        g = r[group]
+        if g["n"]:
+            lines.append(f"| {label} | {100 * g['accuracy']:.1f}% (top-5 {100 * g['top5']:.1f}%) of {g['n']} | "
+                         f"chance {100 * g['chance']:.1f}%; {target} |")
+    lines.append(f"| voices told apart in replies | {100 * r['voices']['accuracy']:.1f}% of {r['voices']['n']} | >= 95% |")
+    c = r["codec"]
+    lines.append(f"| codec PESQ-WB / STOI / SNR | {c.get('pesq_wb', float('nan')):.2f} / {c.get('stoi', float('nan')):.3f} / "
+                 f"{c.get('snr', float('nan')):.1f} dB ({c['n']} recordings) | - |")
+    lines += ["", "Emotion signatures (shift against the same voice's neutral; generated / reference):", "",
+              "| emotion | n | F0 (st) | energy (dB) | voiced time (x) |", "|---|---|---|---|---|"]
+    gen, ref = r["emotions"]["generated"], r["emotions"]["reference"]
+    for emo in EMOTIONS:
+        if emo in gen and emo in ref:
+            g, f = gen[emo], ref[emo]
+            lines.append(f"| {emo} | {g['n']} | {g['f0_st']} / {f['f0_st']} | {g['energy_db']} / {f['energy_db']} | "
+                         f"{g['voiced_ratio']} / {f['voiced_ratio']} |")
+    agree = r["emotions"]["agreement"]
+    if agree:
+        lines += ["", "Agreement over the 8 non-neutral emotions: " + "; ".join(
+            f"{k} correlation {v['correlation']}, same sign {v['same_sign']}/{v['of']}" for k, v in agree.items())]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

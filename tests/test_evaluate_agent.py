@@ -1,0 +1,144 @@
+"""evaluate_agent.py: the DTW answer matcher picks the right rendering, the emotion and voice
+summaries compute what they say, and the whole evaluation runs on a small fake corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate_agent as ev
+from audio_io import save_audio, write_json, write_manifest
+
+SR = 16000
+
+
+def glide(f_start: float, f_end: float, seconds: float, rate: float = 1.0, seed: int = 0) -> np.ndarray:
+    """A harmonic tone gliding from f_start to f_end (a stand-in for an utterance), played `rate`
+    times slower, with a little noise."""
+    n = int(seconds * rate * SR)
+    f = np.linspace(f_start, f_end, n)
+    phase = 2 * np.pi * np.cumsum(f) / SR
+    wav = sum(0.2 / k * np.sin(k * phase) for k in range(1, 6))
+    return (wav + 0.005 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)
+
+
+def test_dtw_picks_the_same_utterance_spoken_slower():
+    refs = {"rise": glide(150, 400, 1.0), "fall": glide(400, 150, 1.0), "flat": glide(250, 260, 1.0),
+            "wave": np.concatenate([glide(150, 400, 0.5), glide(400, 150, 0.5)])}
+    feats = {k: ev.log_mel(v) for k, v in refs.items()}
+    for name, wav in refs.items():
+        assert ev.rank_candidates(wav, feats)[0] == name
+    slower_fall = glide(400, 150, 1.0, rate=1.3, seed=1)  # the tempo changes, the content does not
+    assert ev.rank_candidates(slower_fall, feats)[0] == "fall"
+    assert ev.dtw_cost(feats["rise"], feats["rise"]) == pytest.approx(0.0, abs=1e-6)
+    assert ev.dtw_cost(feats["rise"], feats["rise"][:0]) == math.inf
+
+
+def test_emotion_table_and_agreement():
+    rows = []
+    for voice, f0 in (("Arjun", 150.0), ("Priya", 250.0)):
+        for i in range(3):
+            rows.append({"voice": voice, "emotion": "neutral", "f0": f0, "energy": -20.0, "voiced": 2.0})
+            rows.append({"voice": voice, "emotion": "happy", "f0": f0 * 2 ** (2 / 12), "energy": -18.0, "voiced": 1.8})
+            rows.append({"voice": voice, "emotion": "sad", "f0": f0 * 2 ** (-3 / 12), "energy": -26.0, "voiced": 2.4})
+    table = ev.emotion_table(rows)
+    assert table["happy"] == {"n": 6, "f0_st": 2.0, "energy_db": 2.0, "voiced_ratio": 0.9}
+    assert table["sad"]["f0_st"] == -3.0 and table["sad"]["energy_db"] == -6.0 and table["sad"]["voiced_ratio"] == 1.2
+    assert table["neutral"]["f0_st"] == 0.0
+    agree = ev.signature_agreement(table, table)
+    assert agree["f0_st"] == {"correlation": 1.0, "same_sign": 2, "of": 2}
+    flat = {e: {"n": 1, "f0_st": 0.0, "energy_db": 0.0, "voiced_ratio": 1.0} for e in table}
+    assert ev.signature_agreement(flat, table)["energy_db"]["same_sign"] == 0  # no shift is not the design's shift
+
+
+def test_voices_told_apart_counts_and_confusion():
+    c = {"A": np.array([1.0, 0.0]), "B": np.array([0.0, 1.0])}
+    correct, confusion = ev.voices_told_apart([("A", np.array([0.9, 0.1])), ("A", np.array([0.2, 0.8])),
+                                               ("B", np.array([0.0, 1.0]))], c)
+    assert correct == 2 and confusion == {"A": {"A": 1, "B": 1}, "B": {"B": 1}}
+
+
+def test_spread_is_even_and_deterministic():
+    assert ev.spread(list(range(10)), 5) == [0, 2, 4, 6, 8]
+    assert ev.spread([1, 2], 5) == [1, 2] and ev.spread([1, 2], 0) == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def fake_corpus(tmp_path_factory):
+    """Three answers and a recall line rendered as glides in two voices x two emotions, user
+    questions, first-turn and context pairs, and tiny random models."""
+    from s2s_transformer import S2SConfig, TeluguS2STransformer
+    from telugu_codec import CodecConfig, TeluCodec
+
+    root = tmp_path_factory.mktemp("corpus")
+    answers = {"a1": (150, 400), "a2": (400, 150), "a3": (250, 260)}
+    rows, pairs = [], []
+    for voice, shift in (("Arjun", 1.0), ("Priya", 1.6)):
+        for emotion, rate in (("neutral", 1.0), ("sad", 1.2)):
+            for text, (f0, f1) in {**answers, "r1": (300, 200)}.items():
+                rel = f"wavs/test/agent/{text}_{voice}_{emotion}.wav"
+                save_audio(root / rel, glide(f0 * shift, f1 * shift, 0.6, rate))
+                rows.append({"path": rel, "text": text, "voice": voice, "emotion": emotion, "role": "agent",
+                             "kind": "recall" if text == "r1" else "answer", "split": "test", "duration": 0.6, "intent_id": text})
+    for i, text in enumerate(answers):
+        q = f"wavs/test/user/q{i}.wav"
+        save_audio(root / q, glide(200 + 50 * i, 300, 0.5, seed=i))
+        rows.append({"path": q, "text": f"q{i}", "role": "user", "split": "test", "duration": 0.5, "intent_id": f"i{i}",
+                     "voice": "u", "emotion": "neutral", "kind": "question"})
+        for voice, sid in (("Arjun", 0), ("Priya", 3)):
+            pairs.append({"input_path": q, "target_path": f"wavs/test/agent/{text}_{voice}_neutral.wav", "speaker_id": sid,
+                          "emotion_id": 0, "target_text": text, "intent_id": f"i{i}", "voice": voice, "emotion": "neutral",
+                          "history": []})
+    first = {"input_path": "wavs/test/user/q0.wav", "target_path": "wavs/test/agent/a1_Arjun_sad.wav"}
+    pairs.append({"input_path": "wavs/test/user/q1.wav", "target_path": "wavs/test/agent/a1_Arjun_sad.wav", "speaker_id": 0,
+                  "emotion_id": 2, "target_text": "a1", "intent_id": "ctx_repeat_that", "voice": "Arjun", "emotion": "sad",
+                  "history": [first]})
+    pairs.append({"input_path": "wavs/test/user/q2.wav", "target_path": "wavs/test/agent/r1_Arjun_sad.wav", "speaker_id": 0,
+                  "emotion_id": 2, "target_text": "r1", "intent_id": "ctx_what_did_i_ask", "voice": "Arjun",
+                  "emotion": "sad", "history": [first]})
+    write_manifest(root / "manifests" / "test.jsonl", rows)
+    write_json(root / "metadata" / "test_pairs.json", pairs)
+    torch.manual_seed(0)
+    TeluCodec(CodecConfig.preset("tiny")).save(root / "models" / "codec")
+    TeluguS2STransformer(S2SConfig.preset("tiny")).save(root / "models" / "s2s")
+    return root
+
+
+def run_eval(root, tmp_path, *extra):
+    return ev.main(["--model_dir", str(root / "models"), "--data_dir", str(root), "--out", str(tmp_path),
+                    "--max_reply_s", "0.5", "--codec_files", "2", "--threads", "1", *extra])
+
+
+def test_evaluation_runs_on_a_fake_corpus(fake_corpus, tmp_path):
+    report = run_eval(fake_corpus, tmp_path, "--save_wavs", "2")
+    assert report["reply_source"] == "S2S"
+    assert report["first_turn"]["n"] == 6 and report["repeat_that"]["n"] == 1 and report["what_did_i_ask"]["n"] == 1
+    assert report["first_turn"]["chance"] == pytest.approx(1 / 3, abs=1e-3)  # three answers per voice and emotion
+    for group in ("first_turn", "repeat_that", "what_did_i_ask"):
+        assert 0.0 <= report[group]["accuracy"] <= report[group]["top5"] <= 1.0
+    assert report["voices"]["n"] <= 6 and set(report["voices"]["confusion"]) <= {"Arjun", "Priya"}
+    assert 0.0 < report["codec"]["n"] == 2
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert len(saved["replies"]["first_turn"]) == 6 and "wav" not in saved["replies"]["first_turn"][0]
+    assert "reply accuracy" in (tmp_path / "evaluation.md").read_text()
+    assert len(list((tmp_path / "replies").glob("*.wav"))) == 2
+
+
+def test_oracle_replies_score_the_metric_itself(fake_corpus, tmp_path, monkeypatch):
+    """--oracle scores a reference instead of the S2S reply: with a codec that passes audio
+    through unchanged, every reply must be matched to its own answer, context turns included."""
+    monkeypatch.setattr(ev.Agent, "round_trip", lambda self, path: ev.load_audio(path))
+    report = run_eval(fake_corpus, tmp_path, "--oracle")
+    assert report["reply_source"].startswith("codec round trip")
+    assert report["first_turn"]["accuracy"] == report["repeat_that"]["accuracy"] == report["what_did_i_ask"]["accuracy"] == 1.0
+
+
+def test_missing_models_and_corpus_say_what_to_do(fake_corpus, tmp_path):
+    with pytest.raises(SystemExit, match="model.safetensors not found"):
+        ev.main(["--model_dir", str(tmp_path), "--data_dir", str(fake_corpus), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="make_telugu_speech.py"):
+        ev.main(["--model_dir", str(fake_corpus / "models"), "--data_dir", str(tmp_path), "--out", str(tmp_path / "o")])
