@@ -1,10 +1,11 @@
 """Render the Telugu text corpora in data/ to a synthetic speech corpus for every later phase.
 
 No Telugu recordings can be downloaded here, so the repo makes its own from Debian's two offline
-Telugu synthesizers: festival (festvox-te-nsk, one male voice) and espeak-ng (`te`). Praat's
-PSOLA "Change gender" turns festival's voice into the agent's four voices and nine emotions;
-espeak-ng variants and transformed festival voices, with noise, reverberation, EQ and level
-augmentation, make sixteen user voices, so that no later model ties itself to one voice.
+Telugu synthesizers: festival (festvox-te-nsk, one male voice) and espeak-ng (`te`). A formant
+shift and Praat's PSOLA (change_voice: what "Change gender" does, in steps that never hang) turn
+festival's voice into the agent's four voices and nine emotions; espeak-ng variants and
+transformed festival voices, with noise, reverberation, EQ and level augmentation, make sixteen
+user voices, so that no later model ties itself to one voice.
 
 Usage:
     python make_telugu_speech.py                          # full corpus into <workspace>/telugu_synth
