@@ -442,8 +442,6 @@ class AgentEngine:
     below runs on the server's single model thread (ModelWorker), one call at a time."""
 
     def __init__(self, codec, s2s, device: torch.device, untrained: bool, source: str):
-        from telugu_codec import StreamingLayer
-
         self.codec, self.s2s, self.device, self.untrained, self.source = codec, s2s, device, untrained, source
         cfg = s2s.config
         if (cfg.n_codebooks, cfg.codebook_size) != (codec.n_codebooks, codec.codebook_size) \
@@ -459,14 +457,10 @@ class AgentEngine:
         # The S2S encoder consumes the user's turn in chunks of this many samples (80 ms).
         self.encoder_chunk_samples = cfg.encoder_chunk_steps * self.step_samples
         self.step_ms = 1000.0 * self.step_samples / SAMPLE_RATE
-        # The codec keeps streaming state in its layers; the server holds each session's state in
-        # its own objects and swaps them in for each call (_use_state), inside one streaming block.
+        # The codec streams inside one block for good; each session holds its own encoder and
+        # decoder state (codec.new_stream_state) and hands it over for each call.
         self._streaming = contextlib.ExitStack()
         self._streaming.enter_context(codec.streaming(1))
-        self._encoder_layers = [m for m in codec.encoder.modules() if isinstance(m, StreamingLayer)]
-        self._decoder_layers = [m for m in codec.decoder.modules() if isinstance(m, StreamingLayer)]
-        if len(self._encoder_layers) + len(self._decoder_layers) != len(codec._streaming_layers()):
-            raise RuntimeError("codec has streaming layers outside its encoder and decoder; update AgentEngine")
 
     # ----- loading
 
@@ -505,31 +499,24 @@ class AgentEngine:
 
     # ----- codec state per session
 
-    def _use_state(self, layers: list, state: list) -> None:
-        for layer, s in zip(layers, state):
-            layer._state = s
-
-    def _new_state(self, layers: list) -> list:
-        return [layer.init_state(1) for layer in layers]
-
     @torch.inference_mode()
     def _encode(self, state: list, audio: np.ndarray) -> torch.Tensor:
         """(T,) float32, T a multiple of the hop -> codes (K, T / hop), continuing `state`."""
-        self._use_state(self._encoder_layers, state)
+        self.codec.set_stream_state("encoder", state)
         wav = torch.from_numpy(audio).to(self.device)[None, None]
         return self.codec.encode(wav)[0].cpu()
 
     @torch.inference_mode()
     def _decode(self, state: list, codes: torch.Tensor) -> np.ndarray:
         """codes (K, f) -> (f * hop,) float32, continuing `state`."""
-        self._use_state(self._decoder_layers, state)
+        self.codec.set_stream_state("decoder", state)
         return self.codec.decode(codes[None].to(self.device))[0, 0].float().cpu().numpy()
 
     # ----- the user's turn
 
     def new_turn_stream(self) -> TurnStream:
         """Fresh streaming state for one user turn (allocates state only; safe on any thread)."""
-        return TurnStream(self._new_state(self._encoder_layers), self.s2s.encoder_stream(1))
+        return TurnStream(self.codec.new_stream_state("encoder"), self.s2s.encoder_stream(1))
 
     def feed_turn(self, turn: TurnStream) -> None:
         """Stream mode, while the user speaks: encode the audio in the turn's inbox with the codec
@@ -569,7 +556,7 @@ class AgentEngine:
             return turn.encoder, codes
         audio = request.turn
         audio = np.pad(audio, (0, -len(audio) % self.hop_length))
-        codes = self._encode(self._new_state(self._encoder_layers), audio)
+        codes = self._encode(self.codec.new_stream_state("encoder"), audio)
         timings["codec_encode_ms"] = 1000 * (time.perf_counter() - t0)
         # The whole turn at once: the model's full encoder pass (one masked pass, faster than
         # pushing the chunks through an EncoderStream) runs inside the first generation step.
@@ -590,7 +577,7 @@ class AgentEngine:
             max_new_tokens=request.max_steps, context=context, temperature=request.temperature,
             top_k=request.top_k or None, min_new_tokens=max(1, request.min_steps),
         )
-        reply = ReplyStream(generator, self._new_state(self._decoder_layers), request.controls,
+        reply = ReplyStream(generator, self.codec.new_stream_state("decoder"), request.controls,
                             request.segment_samples, user_codes)
         first = self.next_audio(reply, timings)
         return reply, first, timings

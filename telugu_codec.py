@@ -756,6 +756,31 @@ class TeluCodec(nn.Module):
         for layer in self._streaming_layers():
             layer._state = layer.init_state(self._streaming_batch)
 
+    # Per-stream state, for a caller that interleaves many streams on one codec (the server:
+    # one encoder stream and one decoder stream per session, all inside one streaming block).
+    def _part_layers(self, part: str) -> list[StreamingLayer]:
+        if part not in ("encoder", "decoder"):
+            raise ValueError(f"part must be 'encoder' or 'decoder', got {part!r}")
+        return [m for m in getattr(self, part).modules() if isinstance(m, StreamingLayer)]
+
+    def new_stream_state(self, part: str) -> list:
+        """A fresh streaming state for the encoder or the decoder: one object per layer, for the
+        batch of the current `streaming()` block. Hold it per stream, hand it to set_stream_state."""
+        if not self.is_streaming:
+            raise RuntimeError("new_stream_state() outside `with codec.streaming():`")
+        return [layer.init_state(self._streaming_batch) for layer in self._part_layers(part)]
+
+    def set_stream_state(self, part: str, state: list) -> None:
+        """Make the next encode() (part='encoder') or decode() ('decoder') continue `state`, a list
+        from new_stream_state; the call updates its objects in place, so the list stays current."""
+        if not self.is_streaming:
+            raise RuntimeError("set_stream_state() outside `with codec.streaming():`")
+        layers = self._part_layers(part)
+        if len(state) != len(layers):
+            raise ValueError(f"a {part} state has {len(layers)} layer states, got {len(state)}")
+        for layer, layer_state in zip(layers, state):
+            layer._state = layer_state
+
     def _check_streaming_batch(self, batch: int) -> None:
         if batch != self._streaming_batch:
             raise ValueError(f"streaming was started for batch size {self._streaming_batch}, got {batch}")

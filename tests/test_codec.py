@@ -189,6 +189,40 @@ def test_streaming_state_rules(codec):
     codec.encode(wav[..., :100])  # offline again: any length
 
 
+def test_interleaved_streams_each_equal_their_own_stream(codec):
+    """Two streams with their own states (new_stream_state / set_stream_state), chunks
+    interleaved, give exactly what each gives streamed alone: no history leaks between them."""
+    a, b = speechlike(0.3), speechlike(0.25) * 0.5
+    chunk = 320
+
+    def alone(wav):
+        with codec.streaming(1):
+            codes = [codec.encode(wav[..., i : i + chunk]) for i in range(0, wav.shape[-1], chunk)]
+            return torch.cat(codes, -1), torch.cat([codec.decode(c) for c in codes], -1)
+
+    with codec.streaming(1):
+        states = {name: (codec.new_stream_state("encoder"), codec.new_stream_state("decoder")) for name in "ab"}
+        out = {name: ([], []) for name in "ab"}
+        for i in range(0, max(a.shape[-1], b.shape[-1]), chunk):
+            for name, wav in (("a", a), ("b", b)):
+                if i < wav.shape[-1]:
+                    codec.set_stream_state("encoder", states[name][0])
+                    codes = codec.encode(wav[..., i : i + chunk])
+                    codec.set_stream_state("decoder", states[name][1])
+                    out[name][0].append(codes)
+                    out[name][1].append(codec.decode(codes))
+        with pytest.raises(ValueError, match="layer states"):
+            codec.set_stream_state("decoder", states["a"][0][:1])
+        with pytest.raises(ValueError, match="encoder' or 'decoder"):
+            codec.new_stream_state("quantizer")
+    with pytest.raises(RuntimeError, match="outside"):
+        codec.new_stream_state("encoder")
+    for name, wav in (("a", a), ("b", b)):
+        codes, audio = alone(wav)
+        assert torch.equal(torch.cat(out[name][0], -1), codes)
+        torch.testing.assert_close(torch.cat(out[name][1], -1), audio, rtol=0, atol=0)
+
+
 # --- weight norm, save and load -----------------------------------------------------------
 
 

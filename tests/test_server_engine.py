@@ -74,7 +74,7 @@ def test_interleaved_turn_streams_equal_offline(engine):
         with torch.inference_mode():
             offline = engine.codec.encode(torch.from_numpy(a)[None, None])  # state swapped out: fresh zeros
         codes = torch.cat(turn.codes, dim=-1)
-        assert torch.equal(codes, engine._encode(engine._new_state(engine._encoder_layers), a))
+        assert torch.equal(codes, engine._encode(engine.codec.new_stream_state("encoder"), a))
         memory = turn.encoder.finish()
         full = engine.s2s.encode(codes[None])
         assert torch.allclose(memory.vectors, full.vectors, atol=1e-5)
