@@ -167,6 +167,11 @@ def load_split(data_dir: Path, split: str) -> tuple[list[dict], list[dict]]:
     return pairs, agent
 
 
+def accuracy(rows: list[dict], k: int = 1) -> float:
+    """The share of scored replies whose intended text ranks within the first k."""
+    return sum(r["rank"] is not None and r["rank"] <= k for r in rows) / max(len(rows), 1)
+
+
 def spread(items: list, n: int) -> list:
     """n items evenly spaced through the list (deterministic, covers every intent block)."""
     if n <= 0 or n >= len(items):
@@ -182,6 +187,41 @@ def select_pairs(pairs: list[dict], n_first: int, n_context: int) -> dict[str, l
             "what_did_i_ask": spread(recall, n_context)}
 
 
+class References:
+    """The corpus's agent renderings by (voice, emotion, kind), as log-mel features loaded when
+    first asked for: the candidates a reply is matched against."""
+
+    def __init__(self, agent_rows: list[dict], data_dir: Path):
+        self.data_dir = data_dir
+        self.by_cell: dict[tuple, dict[str, str]] = defaultdict(dict)
+        for r in agent_rows:
+            self.by_cell[(r["voice"], r["emotion"], r.get("kind", "answer"))].setdefault(r["text"], r["path"])
+        self._feats: dict[str, np.ndarray] = {}
+
+    def candidates(self, voice: str, emotion: str, kind: str) -> dict[str, np.ndarray]:
+        cell = self.by_cell.get((voice, emotion, kind))
+        if not cell:
+            raise SystemExit(f"no {kind} renderings of {voice}/{emotion} in {self.data_dir}/manifests: rebuild the corpus")
+        for path in cell.values():
+            if path not in self._feats:
+                self._feats[path] = log_mel(load_audio(path))
+        return {text: self._feats[path] for text, path in cell.items()}
+
+
+def score_reply(wav: np.ndarray, pair: dict, refs: References, kind: str = "answer") -> dict:
+    """One reply's row: where the intended text ranks among the candidates, length, prosody."""
+    cands = refs.candidates(pair["voice"], pair["emotion"], kind)
+    ranked = rank_candidates(wav, cands) if len(wav) else []
+    sig = prosody_signature(wav) if len(wav) > SAMPLE_RATE // 10 else None
+    return {"intent_id": pair["intent_id"], "voice": pair["voice"], "emotion": pair["emotion"],
+            "user_voice": pair.get("user_voice"), "target_text": pair["target_text"],
+            "nearest_text": ranked[0] if ranked else None,
+            "rank": ranked.index(pair["target_text"]) + 1 if pair["target_text"] in ranked else None,
+            "candidates": len(cands), "reply_s": round(len(wav) / SAMPLE_RATE, 3),
+            "f0": sig.f0_median_hz if sig else math.nan, "energy": sig.energy_db if sig else math.nan,
+            "voiced": sig.voiced_seconds if sig else 0.0}
+
+
 # --------------------------------------------------------------------------------------
 # Running the models
 
@@ -189,17 +229,22 @@ def select_pairs(pairs: list[dict], n_first: int, n_context: int) -> dict[str, l
 class Agent:
     """Codec + S2S as the server runs them, offline: question WAV -> reply audio."""
 
-    def __init__(self, model_dir: Path, device: torch.device, temperature: float, top_k: int, max_reply_s: float,
-                 codec_only: bool = False):
+    def __init__(self, codec: TeluCodec, s2s: TeluguS2STransformer | None, device: torch.device,
+                 temperature: float = 0.8, top_k: int = 50, max_reply_s: float = 6.0):
+        self.codec, self.s2s = codec, s2s
+        self.device, self.temperature, self.top_k = device, temperature, top_k
+        self.max_steps = 0 if s2s is None else int(max_reply_s * 1000 / s2s.config.step_ms)
+        self._codes: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def load(cls, model_dir: Path, device: torch.device, *args, codec_only: bool = False) -> Agent:
         for sub in ("codec",) if codec_only else ("codec", "s2s"):
             if not (model_dir / sub / "model.safetensors").is_file():
                 raise SystemExit(f"{model_dir / sub}/model.safetensors not found: --model_dir needs codec/ and s2s/ "
                                  f"model folders (the shipped ones are in {DEMO_MODEL_DIR})")
-        self.codec = TeluCodec.from_pretrained(model_dir / "codec", map_location=device)
-        self.s2s = None if codec_only else TeluguS2STransformer.from_pretrained(model_dir / "s2s", map_location=device).eval()
-        self.device, self.temperature, self.top_k = device, temperature, top_k
-        self.max_steps = 0 if codec_only else int(max_reply_s * 1000 / self.s2s.config.step_ms)
-        self._codes: dict[str, torch.Tensor] = {}
+        codec = TeluCodec.from_pretrained(model_dir / "codec", map_location=device)
+        s2s = None if codec_only else TeluguS2STransformer.from_pretrained(model_dir / "s2s", map_location=device).eval()
+        return cls(codec, s2s, device, *args)
 
     @torch.inference_mode()
     def codes(self, path: str) -> torch.Tensor:
@@ -275,23 +320,9 @@ def main(argv=None) -> dict:
 
     pairs, agent_rows = load_split(data_dir, args.split)
     chosen = select_pairs(pairs, args.num_pairs, args.num_context)
-    agent = Agent(Path(args.model_dir), device, args.temperature, args.top_k, args.max_reply_s, codec_only=args.oracle)
+    agent = Agent.load(Path(args.model_dir), device, args.temperature, args.top_k, args.max_reply_s, codec_only=args.oracle)
 
-    # Reference renderings by (voice, emotion, kind): text -> log-mel, loaded when first needed.
-    by_cell: dict[tuple, dict[str, str]] = defaultdict(dict)
-    for r in agent_rows:
-        by_cell[(r["voice"], r["emotion"], r.get("kind", "answer"))].setdefault(r["text"], r["path"])
-    feats_cache: dict[str, np.ndarray] = {}
-
-    def candidates(voice, emotion, kind) -> dict[str, np.ndarray]:
-        cell = by_cell.get((voice, emotion, kind))
-        if not cell:
-            raise SystemExit(f"no {kind} renderings of {voice}/{emotion} in {data_dir}/manifests: rebuild the corpus")
-        for text, path in cell.items():
-            if path not in feats_cache:
-                feats_cache[path] = log_mel(load_audio(path))
-        return {text: feats_cache[path] for text, path in cell.items()}
-
+    refs = References(agent_rows, data_dir)
     results: dict[str, list[dict]] = {}
     saved = 0
     for group, items in chosen.items():
@@ -301,16 +332,7 @@ def main(argv=None) -> dict:
             batch = items[b : b + args.print_every]
             for i, p in enumerate(batch):
                 wav = agent.round_trip(p["target_path"]) if args.oracle else agent.reply(p, seed=args.seed + b + i)
-                cands = candidates(p["voice"], p["emotion"], kind)
-                ranked = rank_candidates(wav, cands) if len(wav) else []
-                rank = ranked.index(p["target_text"]) + 1 if p["target_text"] in ranked else None
-                sig = prosody_signature(wav) if len(wav) > SAMPLE_RATE // 10 else None
-                rows.append({"intent_id": p["intent_id"], "voice": p["voice"], "emotion": p["emotion"],
-                             "user_voice": p.get("user_voice"), "target_text": p["target_text"],
-                             "nearest_text": ranked[0] if ranked else None, "rank": rank, "candidates": len(cands),
-                             "reply_s": round(len(wav) / SAMPLE_RATE, 3),
-                             "f0": sig.f0_median_hz if sig else math.nan, "energy": sig.energy_db if sig else math.nan,
-                             "voiced": sig.voiced_seconds if sig else 0.0, "wav": wav})
+                rows.append({**score_reply(wav, p, refs, kind), "wav": wav})
                 if saved < args.save_wavs:
                     name = f"{group}_{len(rows):03d}_{p['intent_id']}_{p['voice']}_{p['emotion']}.wav"
                     save_audio(out / "replies" / name, wav if len(wav) else np.zeros(160, np.float32))
@@ -320,8 +342,6 @@ def main(argv=None) -> dict:
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
         results[group] = rows
 
-    def accuracy(rows, k=1):
-        return sum(r["rank"] is not None and r["rank"] <= k for r in rows) / max(len(rows), 1)
 
     first = results["first_turn"]
     report: dict = {"model_dir": str(args.model_dir), "data_dir": str(data_dir), "split": args.split,

@@ -142,3 +142,27 @@ def test_missing_models_and_corpus_say_what_to_do(fake_corpus, tmp_path):
         ev.main(["--model_dir", str(tmp_path), "--data_dir", str(fake_corpus), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="make_telugu_speech.py"):
         ev.main(["--model_dir", str(fake_corpus / "models"), "--data_dir", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_system_test_judges_reply_accuracy_on_a_corpus(fake_corpus, monkeypatch):
+    """system_test.py's check 5 scores replies as evaluate_agent.py does: a model whose replies are
+    the intended answers passes, random tiny models fail, no corpus means not checked."""
+    import argparse
+
+    import system_test
+    from s2s_transformer import TeluguS2STransformer
+    from telugu_codec import TeluCodec
+
+    codec = TeluCodec.from_pretrained(fake_corpus / "models" / "codec")
+    s2s = TeluguS2STransformer.from_pretrained(fake_corpus / "models" / "s2s")
+    args = argparse.Namespace(data_dir=str(fake_corpus), quality_pairs=4, target_reply_accuracy=0.9)
+    setup = system_test.Setup(codec, s2s, torch.device("cpu"), False, None, None, args)
+    random_models = system_test.check_s2s_quality(setup)
+    assert random_models.values["pairs"] == 4 and random_models.values["chance"] == pytest.approx(1 / 3, abs=1e-3)
+    assert random_models.status == ("PASS" if random_models.values["accuracy"] >= 0.9 else "FAIL")
+    monkeypatch.setattr(ev.Agent, "reply", lambda self, pair, seed: ev.load_audio(pair["target_path"]))
+    perfect = system_test.check_s2s_quality(setup)
+    assert perfect.status == "PASS" and perfect.values["accuracy"] == 1.0
+    assert system_test.check_s2s_quality(system_test.Setup(codec, s2s, torch.device("cpu"), False, None, None,
+                                                           argparse.Namespace(**{**vars(args), "data_dir": None}))
+                                         ).status == "NOT_CHECKED"
