@@ -3,21 +3,28 @@
     python evaluate_agent.py --model_dir checkpoints/demo --data_dir workspace/telugu_synth --split test
 
 The test split holds question paraphrases and user voices that training never saw. For each pair,
-the user's question (a WAV) goes through the codec and the S2S model exactly as in the server
-(offline encode, the server's sampling settings), and the reply is decoded to audio. Then:
+the user's question (a WAV) goes through the codec and the S2S model as the server runs them
+(offline encode, the server's sampling settings, one conversation at a time), and the reply is
+decoded to audio. Then:
 
   reply accuracy   the reply is scored against the reference rendering of every answer in the
                    requested voice and emotion, by DTW over log-mel frames (cost per path step);
                    it is correct when the nearest rendering is the intended answer. Chance is
                    1 / (number of answers), 1/172 on the shipped corpus. Top-5 is given too.
+                   Replies run until the model's end-of-reply head fires or --max_reply_s
+                   (default 6 s; answers are at most ~4 s, the server allows 15 s): the
+                   report counts those cut at the cap.
   repeat that      "repeat that" turns with the previous exchange as context: correct when the
                    nearest rendering is the previous answer.
-  what did I ask   "what did I ask" turns: nearest among the recall renderings in that voice.
+  what did I ask   "what did I ask" turns: nearest among the recall renderings of that voice and
+                   emotion in the corpus (85 to 96 of them; chance is reported per turn's set).
   voices           resemblyzer embeddings of the replies against the voices' centroids from
                    the split's neutral agent recordings: the share that lands on its own voice.
-  emotions         per emotion, the replies' median F0 (semitones), active energy (dB) and
-                   voiced time (ratio) relative to the same voice's neutral replies, next to the
-                   same figures measured on the intended reference renderings (the design).
+  emotions         each reply's median F0 (semitones), active energy (dB) and voiced time (ratio)
+                   against the intended answer spoken neutrally in the same voice, averaged per
+                   emotion and taken relative to the neutral replies (so a shift every reply
+                   shares, the model's or the codec's, cancels); next to the same figures for
+                   the intended reference renderings (the design).
   codec            PESQ-WB, STOI, SNR of the split's recordings through the codec alone.
 
 Writes <out>/evaluation.json, <out>/evaluation.md and a few replies as WAVs to listen to.
@@ -36,13 +43,12 @@ import numpy as np
 import torch
 
 import audio_metrics
-from audio_io import SPLITS, load_audio, read_json, read_manifest, save_audio, write_json
+from audio_io import PAIRS_FILES, SPLITS, load_audio, read_json, read_manifest, save_audio, write_json
 from config import DEMO_MODEL_DIR, EMOTIONS, SAMPLE_RATE, add_workspace_arg, workspace_from_args
 from prosody import prosody_signature, semitones
 from s2s_transformer import ROLE_AGENT, ROLE_USER, ContextTurns, TeluguS2STransformer
 from telugu_codec import TeluCodec
 
-PAIR_FILES = {"train": "train_pairs.json", "val": "validation_pairs.json", "test": "test_pairs.json"}
 MEL_HOP = 160  # 10 ms frames for the DTW
 
 
@@ -91,28 +97,37 @@ def voices_told_apart(embeds: list[tuple[str, np.ndarray]], centroids: dict[str,
     return correct, {k: dict(v) for k, v in confusion.items()}
 
 
+def prosody_shift(wav_sig, base_sig) -> dict:
+    """One utterance's prosody against a base (the same answer, same voice, spoken neutrally):
+    F0 shift in semitones, energy shift in dB, voiced time as a ratio. NaN where unmeasurable."""
+    ok = wav_sig is not None and base_sig is not None
+    f0 = (semitones(wav_sig.f0_median_hz, base_sig.f0_median_hz)
+          if ok and np.isfinite(wav_sig.f0_median_hz) and np.isfinite(base_sig.f0_median_hz) else math.nan)
+    return {"f0_st": f0, "energy_db": wav_sig.energy_db - base_sig.energy_db if ok else math.nan,
+            "voiced_ratio": wav_sig.voiced_seconds / max(base_sig.voiced_seconds, 1e-3) if ok else math.nan}
+
+
 def emotion_table(rows: list[dict]) -> dict:
-    """Per emotion, mean shifts against the same voice's neutral items: F0 in semitones, energy in
-    dB, voiced time as a ratio. rows: {"voice", "emotion", "f0", "energy", "voiced"}."""
-    neutral = defaultdict(list)
-    for r in rows:
-        if r["emotion"] == "neutral":
-            neutral[r["voice"]].append(r)
-    base = {}
-    for v, rs in neutral.items():
-        f0 = [r["f0"] for r in rs if np.isfinite(r["f0"])]
-        base[v] = (float(np.exp(np.mean(np.log(f0)))) if f0 else math.nan,
-                   float(np.mean([r["energy"] for r in rs])), float(np.mean([r["voiced"] for r in rs])))
+    """Per emotion, the mean prosody_shift of its rows ({"emotion", "f0_st", "energy_db",
+    "voiced_ratio"}), then taken relative to the neutral rows' mean: what is left is the emotion's
+    own signature, with any shift shared by every reply (a model's or the codec's bias) removed."""
     table = {}
     for emo in EMOTIONS:
-        mine = [r for r in rows if r["emotion"] == emo and r["voice"] in base]
+        mine = [r for r in rows if r["emotion"] == emo]
         if not mine:
             continue
-        f0 = [semitones(r["f0"], base[r["voice"]][0]) for r in mine if np.isfinite(r["f0"]) and np.isfinite(base[r["voice"]][0])]
-        table[emo] = {"n": len(mine),
-                      "f0_st": round(float(np.mean(f0)), 2) if f0 else None,
-                      "energy_db": round(float(np.mean([r["energy"] - base[r["voice"]][1] for r in mine])), 2),
-                      "voiced_ratio": round(float(np.mean([r["voiced"] / max(base[r["voice"]][2], 1e-3) for r in mine])), 3)}
+        entry = {"n": len(mine)}
+        for feat in ("f0_st", "energy_db", "voiced_ratio"):
+            vals = [r[feat] for r in mine if np.isfinite(r[feat]) and (feat != "voiced_ratio" or r[feat] > 0)]
+            entry[feat] = float(np.exp(np.mean(np.log(vals))) if feat == "voiced_ratio" else np.mean(vals)) if vals else None
+        table[emo] = entry
+    base = dict(table.get("neutral", {}))  # a copy: the neutral entry itself is rewritten below
+    for emo, entry in table.items():
+        for feat in ("f0_st", "energy_db", "voiced_ratio"):
+            if entry[feat] is None or base.get(feat) is None or (feat == "voiced_ratio" and base[feat] <= 0):
+                continue
+            rel = entry[feat] / base[feat] if feat == "voiced_ratio" else entry[feat] - base[feat]
+            entry[feat] = round(rel, 3 if feat == "voiced_ratio" else 2)
     return table
 
 
@@ -140,7 +155,7 @@ def signature_agreement(generated: dict, reference: dict) -> dict:
 
 def load_split(data_dir: Path, split: str) -> tuple[list[dict], list[dict]]:
     """(pairs, agent manifest rows of every split) with absolute paths."""
-    pairs_path = data_dir / "metadata" / PAIR_FILES[split]
+    pairs_path = data_dir / "metadata" / PAIRS_FILES[split]
     if not pairs_path.is_file():
         raise SystemExit(f"{pairs_path} not found: --data_dir must be a corpus from make_telugu_speech.py "
                          "(python make_telugu_speech.py --workers 2 builds it)")
@@ -197,6 +212,7 @@ class References:
         for r in agent_rows:
             self.by_cell[(r["voice"], r["emotion"], r.get("kind", "answer"))].setdefault(r["text"], r["path"])
         self._feats: dict[str, np.ndarray] = {}
+        self._sigs: dict = {}
 
     def candidates(self, voice: str, emotion: str, kind: str) -> dict[str, np.ndarray]:
         cell = self.by_cell.get((voice, emotion, kind))
@@ -207,9 +223,19 @@ class References:
                 self._feats[path] = log_mel(load_audio(path))
         return {text: self._feats[path] for text, path in cell.items()}
 
+    def neutral_signature(self, voice: str, text: str, kind: str = "answer"):
+        """The prosody of `text` rendered neutrally in `voice` (None if the corpus lacks it)."""
+        path = self.by_cell.get((voice, "neutral", kind), {}).get(text)
+        if path is None:
+            return None
+        if path not in self._sigs:
+            self._sigs[path] = prosody_signature(load_audio(path))
+        return self._sigs[path]
+
 
 def score_reply(wav: np.ndarray, pair: dict, refs: References, kind: str = "answer") -> dict:
-    """One reply's row: where the intended text ranks among the candidates, length, prosody."""
+    """One reply's row: where the intended text ranks among the candidates, length, and its
+    prosody against the intended text spoken neutrally in the same voice (prosody_shift)."""
     cands = refs.candidates(pair["voice"], pair["emotion"], kind)
     ranked = rank_candidates(wav, cands) if len(wav) else []
     sig = prosody_signature(wav) if len(wav) > SAMPLE_RATE // 10 else None
@@ -218,8 +244,8 @@ def score_reply(wav: np.ndarray, pair: dict, refs: References, kind: str = "answ
             "nearest_text": ranked[0] if ranked else None,
             "rank": ranked.index(pair["target_text"]) + 1 if pair["target_text"] in ranked else None,
             "candidates": len(cands), "reply_s": round(len(wav) / SAMPLE_RATE, 3),
-            "f0": sig.f0_median_hz if sig else math.nan, "energy": sig.energy_db if sig else math.nan,
-            "voiced": sig.voiced_seconds if sig else 0.0}
+            "f0_hz": sig.f0_median_hz if sig else math.nan,
+            **prosody_shift(sig, refs.neutral_signature(pair["voice"], pair["target_text"], kind))}
 
 
 # --------------------------------------------------------------------------------------
@@ -289,7 +315,7 @@ def parse_args(argv=None):
     add_workspace_arg(p)
     p.add_argument("--model_dir", default=str(DEMO_MODEL_DIR), help=f"codec/ + s2s/ model folders (default {DEMO_MODEL_DIR})")
     p.add_argument("--data_dir", default=None, help="the corpus (default <workspace>/telugu_synth)")
-    p.add_argument("--split", default="test", choices=sorted(PAIR_FILES), help="pairs to evaluate (default test)")
+    p.add_argument("--split", default="test", choices=sorted(PAIRS_FILES), help="pairs to evaluate (default test)")
     p.add_argument("--num_pairs", type=int, default=288, help="first-turn pairs, spread over the split (0: all)")
     p.add_argument("--num_context", type=int, default=48, help="'repeat that' and 'what did I ask' pairs each (0: all)")
     p.add_argument("--codec_files", type=int, default=48, help="recordings for the codec-only figures")
@@ -346,10 +372,12 @@ def main(argv=None) -> dict:
     first = results["first_turn"]
     report: dict = {"model_dir": str(args.model_dir), "data_dir": str(data_dir), "split": args.split,
                     "reply_source": "codec round trip of the intended reference (--oracle)" if args.oracle else "S2S",
-                    "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
+                    "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
+                    "max_reply_s": args.max_reply_s}
     for group, rows in results.items():
         report[group] = {"n": len(rows), "accuracy": round(accuracy(rows), 4), "top5": round(accuracy(rows, 5), 4),
-                         "chance": round(1 / max(rows[0]["candidates"], 1), 4) if rows else None,
+                         "chance": round(float(np.mean([1 / max(r["candidates"], 1) for r in rows])), 4) if rows else None,
+                         "capped": sum(r["reply_s"] >= args.max_reply_s - 0.02 for r in rows),
                          "median_reply_s": round(float(np.median([r["reply_s"] for r in rows])), 3) if rows else None}
     by_voice = defaultdict(list)
     for r in first:
@@ -362,23 +390,22 @@ def main(argv=None) -> dict:
         from resemblyzer import VoiceEncoder
     encoder = VoiceEncoder("cpu", verbose=False)
     unit = lambda x: x / max(float(np.linalg.norm(x)), 1e-9)  # noqa: E731
-    refs = defaultdict(list)
+    voice_refs = defaultdict(list)
     for r in agent_rows:
-        if r.get("split") == args.split and r["emotion"] == "neutral" and r.get("kind") == "answer" and len(refs[r["voice"]]) < 16:
-            refs[r["voice"]].append(encoder.embed_utterance(load_audio(r["path"])))
-    centroids = {v: unit(np.mean(e, axis=0)) for v, e in refs.items()}
+        if (r.get("split") == args.split and r["emotion"] == "neutral" and r.get("kind") == "answer"
+                and len(voice_refs[r["voice"]]) < 16):
+            voice_refs[r["voice"]].append(encoder.embed_utterance(load_audio(r["path"])))
+    centroids = {v: unit(np.mean(e, axis=0)) for v, e in voice_refs.items()}
     embeds = [(r["voice"], encoder.embed_utterance(r["wav"])) for r in first if r["reply_s"] >= 0.3]
     correct, confusion = voices_told_apart(embeds, centroids)
     report["voices"] = {"n": len(embeds), "accuracy": round(correct / max(len(embeds), 1), 4), "confusion": confusion,
                         "reference": "centroids of 16 neutral agent recordings per voice"}
 
     # Emotions: shifts in the replies next to the shifts in the intended reference renderings.
-    gen_rows = [{k: r[k] for k in ("voice", "emotion", "f0", "energy", "voiced")} for r in first if r["reply_s"] >= 0.3]
-    ref_rows = []
-    for p in chosen["first_turn"]:
-        sig = prosody_signature(load_audio(p["target_path"]))
-        ref_rows.append({"voice": p["voice"], "emotion": p["emotion"], "f0": sig.f0_median_hz,
-                         "energy": sig.energy_db, "voiced": sig.voiced_seconds})
+    gen_rows = [r for r in first if r["reply_s"] >= 0.3]
+    ref_rows = [{"emotion": p["emotion"], **prosody_shift(prosody_signature(load_audio(p["target_path"])),
+                                                          refs.neutral_signature(p["voice"], p["target_text"]))}
+                for p in chosen["first_turn"]]
     gen_table, ref_table = emotion_table(gen_rows), emotion_table(ref_rows)
     report["emotions"] = {"generated": gen_table, "reference": ref_table,
                           "agreement": signature_agreement(gen_table, ref_table)}
@@ -400,8 +427,8 @@ def main(argv=None) -> dict:
     for rows in results.values():
         for r in rows:
             r.pop("wav")
-            for k in ("f0", "energy"):
-                r[k] = None if not np.isfinite(r[k]) else round(float(r[k]), 2)
+            for k in ("f0_hz", "f0_st", "energy_db", "voiced_ratio"):
+                r[k] = None if not np.isfinite(r[k]) else round(float(r[k]), 3)
     write_json(out / "evaluation.json", {**report, "replies": results})
     md = markdown(report)
     (out / "evaluation.md").write_text(md)
@@ -417,7 +444,8 @@ def markdown(r: dict) -> str:
                                  ("what_did_i_ask", "'what did I ask' recalls the question", "-")):
         g = r[group]
         if g["n"]:
-            lines.append(f"| {label} | {100 * g['accuracy']:.1f}% (top-5 {100 * g['top5']:.1f}%) of {g['n']} | "
+            capped = f"; {g['capped']} cut at {r['max_reply_s']:g} s" if g.get("capped") else ""
+            lines.append(f"| {label} | {100 * g['accuracy']:.1f}% (top-5 {100 * g['top5']:.1f}%) of {g['n']}{capped} | "
                          f"chance {100 * g['chance']:.1f}%; {target} |")
     lines.append(f"| voices told apart in replies | {100 * r['voices']['accuracy']:.1f}% of {r['voices']['n']} | >= 95% |")
     c = r["codec"]
@@ -433,7 +461,7 @@ def markdown(r: dict) -> str:
                          f"{g['voiced_ratio']} / {f['voiced_ratio']} |")
     agree = r["emotions"]["agreement"]
     if agree:
-        lines += ["", "Agreement over the 8 non-neutral emotions: " + "; ".join(
+        lines += ["", "Agreement over the non-neutral emotions measured: " + "; ".join(
             f"{k} correlation {v['correlation']}, same sign {v['same_sign']}/{v['of']}" for k, v in agree.items())]
     return "\n".join(lines) + "\n"
 

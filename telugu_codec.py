@@ -639,6 +639,7 @@ class TeluCodec(nn.Module):
         self.quantizer = ResidualVectorQuantizer(self.config)
         self.decoder = Decoder(self.config)
         self._streaming_batch: int | None = None
+        self._stream_parts: dict | None = None  # encoder / decoder streaming layers, within streaming()
 
     # --- sizes ---------------------------------------------------------------------------
     @property
@@ -748,6 +749,7 @@ class TeluCodec(nn.Module):
             for layer in self._streaming_layers():
                 layer._state = None
             self._streaming_batch = None
+            self._stream_parts = None
 
     def reset_streaming(self) -> None:
         """Forget all history (a new utterance or connection), staying in streaming mode."""
@@ -761,7 +763,14 @@ class TeluCodec(nn.Module):
     def _part_layers(self, part: str) -> list[StreamingLayer]:
         if part not in ("encoder", "decoder"):
             raise ValueError(f"part must be 'encoder' or 'decoder', got {part!r}")
-        return [m for m in getattr(self, part).modules() if isinstance(m, StreamingLayer)]
+        if self._stream_parts is None:  # once per streaming block: this runs every 20 ms
+            parts = {name: [m for m in getattr(self, name).modules() if isinstance(m, StreamingLayer)]
+                     for name in ("encoder", "decoder")}
+            if sum(map(len, parts.values())) != len(self._streaming_layers()):
+                raise RuntimeError("the codec has streaming layers outside its encoder and decoder: per-stream "
+                                   "state would leave them shared between streams")
+            self._stream_parts = parts
+        return self._stream_parts[part]
 
     def new_stream_state(self, part: str) -> list:
         """A fresh streaming state for the encoder or the decoder: one object per layer, for the

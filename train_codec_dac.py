@@ -265,7 +265,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=None, help=f"clips per process per step (default {TrainConfig.batch_size})")
     p.add_argument("--num_epochs", type=int, default=None, help="epochs; the LR schedule spans them (default 100)")
     p.add_argument("--learning_rate", type=float, default=None, help=f"peak Adam LR, both networks (default {TrainConfig.learning_rate})")
-    p.add_argument("--use_discriminators", action="store_true", default=None, help="add adversarial + feature-matching losses")
+    p.add_argument("--use_discriminators", action=argparse.BooleanOptionalAction, default=None,
+                   help="add adversarial + feature-matching losses (--no-use_discriminators turns them off on resume)")
     p.add_argument("--discriminator_start_epoch", type=int, default=None, help="first epoch with the GAN losses (default 0)")
     p.add_argument("--wandb_project", default=None, help="log to this Weights & Biases project (off by default; needs `pip install wandb`)")
     p.add_argument("--resume", default=None, help="a last.pt / best_codec.pt to continue from (configs come from it)")
@@ -455,7 +456,7 @@ def main(argv=None) -> dict:
     codec.train()
     disc.train()
     epoch = step // batches_per_epoch
-    t_last = time.time()
+    t_last, step_last = time.time(), step
     while step < last_step:
         batches = epoch_batches(len(train_ok), epoch, args.seed, train_cfg.batch_size, ctx.rank, ctx.world_size)
         loader = DataLoader(
@@ -510,9 +511,10 @@ def main(argv=None) -> dict:
                     row["discriminator_loss"] = float(loss_d.detach())
                 row = all_reduce_mean(row, ctx)
                 now = time.time()
+                per_step = (now - t_last) / max(step - step_last, 1)  # the last row may cover fewer steps
                 row = {"step": step, "epoch": epoch, "split": "train", "lr": sched_g.get_last_lr()[0], **row,
-                       "dead_codes_restarted": restarted, "seconds_per_step": round((now - t_last) / args.log_every, 3)}
-                t_last = now
+                       "dead_codes_restarted": restarted, "seconds_per_step": round(per_step, 3)}
+                t_last, step_last = now, step
                 if ctx.is_main:
                     metrics.log(row)
                     if wandb_run is not None:
