@@ -48,6 +48,7 @@ from config import DEMO_MODEL_DIR, EMOTIONS, SAMPLE_RATE, add_workspace_arg, wor
 from prosody import prosody_signature, semitones
 from s2s_transformer import ROLE_AGENT, ROLE_USER, ContextTurns, TeluguS2STransformer
 from telugu_codec import TeluCodec
+from training import weight_files
 
 MEL_HOP = 160  # 10 ms frames for the DTW
 
@@ -265,7 +266,7 @@ class Agent:
     @classmethod
     def load(cls, model_dir: Path, device: torch.device, *args, codec_only: bool = False) -> Agent:
         for sub in ("codec",) if codec_only else ("codec", "s2s"):
-            if not (model_dir / sub / "model.safetensors").is_file():
+            if not weight_files(model_dir / sub):
                 raise SystemExit(f"{model_dir / sub}/model.safetensors not found: --model_dir needs codec/ and s2s/ "
                                  f"model folders (the shipped ones are in {DEMO_MODEL_DIR})")
         codec = TeluCodec.from_pretrained(model_dir / "codec", map_location=device)

@@ -1138,11 +1138,12 @@ class TeluguS2STransformer(nn.Module):
 
     # ----- save / load
 
-    def save(self, directory, dtype: torch.dtype | None = None) -> None:
-        """Shipped form: model.safetensors + config.json (dtype=torch.float16 for weights in git)."""
+    def save(self, directory, dtype: torch.dtype | None = None, max_shard_mb: float | None = None) -> None:
+        """Shipped form: model.safetensors + config.json (dtype=torch.float16 for weights in git;
+        max_shard_mb splits them into shards of at most that size, for git's file limit)."""
         from training import save_pretrained
 
-        save_pretrained(directory, self.state_dict(), config_to_dict(self.config), dtype=dtype)
+        save_pretrained(directory, self.state_dict(), config_to_dict(self.config), dtype=dtype, max_shard_mb=max_shard_mb)
 
     @classmethod
     def from_pretrained(cls, path, map_location="cpu") -> TeluguS2STransformer:

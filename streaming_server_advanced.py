@@ -12,8 +12,9 @@ Usage:
     python streaming_server_advanced.py --allow-untrained --untrained_preset tiny   # tests only: random models
     then open http://localhost:8000 (the microphone needs a secure context: localhost or HTTPS)
 
-Model folder (--model_dir): <model_dir>/codec and <model_dir>/s2s, each holding model.safetensors +
-config.json (or the training checkpoint best_codec.pt / s2s_best.pt). Without them the server refuses
+Model folder (--model_dir): <model_dir>/codec and <model_dir>/s2s, each holding model.safetensors (or
+its shards and model.safetensors.index.json) + config.json, or the training checkpoint best_codec.pt /
+s2s_best.pt. Without them the server refuses
 to start and says how to get them; it never answers with an untrained model unless told to.
 
 Protocol (the README has the full description and an example client), on ws://HOST:PORT/ws/{session_id}:
@@ -698,7 +699,9 @@ def _needs_segments(controls) -> bool:
 def has_weights(directory: Path, checkpoint_names: tuple[str, ...]) -> bool:
     if not directory.is_dir():
         return False
-    return (directory / "model.safetensors").is_file() or any((directory / n).is_file() for n in checkpoint_names)
+    from training import weight_files
+
+    return bool(weight_files(directory)) or any((directory / n).is_file() for n in checkpoint_names)
 
 
 def missing_weights_message(model_dir: Path, codec_dir: Path, s2s_dir: Path) -> str:

@@ -136,15 +136,19 @@ class Setup:
 
 
 def file_identity(directory: Path, names: tuple[str, ...]) -> dict:
-    """The weights file a model folder is loaded from, its size and SHA-256."""
-    for name in ("model.safetensors", *names):
-        path = directory / name
-        if path.is_file():
-            digest = hashlib.sha256()
+    """The weights file(s) a model folder is loaded from, their size and SHA-256 (of all of them,
+    in order, for a sharded model)."""
+    from training import weight_files
+
+    files = weight_files(directory) or [p for p in (directory / n for n in names) if p.is_file()][:1]
+    if files:
+        digest = hashlib.sha256()
+        for path in files:
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
-            return {"file": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        return {"file": ", ".join(str(p) for p in files), "bytes": sum(p.stat().st_size for p in files),
+                "sha256": digest.hexdigest()}
     return {}
 
 

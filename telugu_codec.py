@@ -826,11 +826,12 @@ class TeluCodec(nn.Module):
                 ) from e
             raise
 
-    def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        """Write the shipped form: model.safetensors + config.json (fp16 with dtype=torch.float16)."""
+    def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None, max_shard_mb: float | None = None) -> None:
+        """Write the shipped form: model.safetensors + config.json (fp16 with dtype=torch.float16;
+        split into shards of at most max_shard_mb when given)."""
         from training import save_pretrained
 
-        save_pretrained(directory, self.state_dict(), config_to_dict(self.config), dtype=dtype)
+        save_pretrained(directory, self.state_dict(), config_to_dict(self.config), dtype=dtype, max_shard_mb=max_shard_mb)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location="cpu") -> "TeluCodec":

@@ -59,6 +59,7 @@ from training import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    weight_files,
 )
 
 SHARD_FILES = 256  # WAVs per token-cache shard
@@ -155,8 +156,8 @@ def _resolve_codec_files(codec_path: Path) -> list[Path]:
     from telugu_codec import TeluCodec
 
     if codec_path.is_dir():
-        if (codec_path / "model.safetensors").is_file():
-            return [codec_path / "model.safetensors", codec_path / "config.json"]
+        if weight_files(codec_path):
+            return weight_files(codec_path) + [codec_path / "config.json"]
         for name in TeluCodec.CHECKPOINT_NAMES:
             if (codec_path / name).is_file():
                 return [codec_path / name]

@@ -4,7 +4,10 @@ Checkpoint formats
     training checkpoint  `*.pt`: a dict of tensors and plain values only (`model_state`, `config`,
                          optimizer states, `step`, ...), written atomically, read back with
                          `torch.load(..., weights_only=True)` so nothing is ever unpickled.
-    shipped model        a folder with `model.safetensors` + `config.json` (`save_pretrained`).
+    shipped model        a folder with `model.safetensors` + `config.json` (`save_pretrained`); a
+                         model larger than `max_shard_mb` is split, as Hugging Face does, into
+                         `model-00001-of-0000N.safetensors` ... + `model.safetensors.index.json`
+                         (git takes files of at most 15 MB here).
 
 Distributed training: launch with `torchrun --nproc_per_node N script.py ...`; `init_distributed`
 reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and picks NCCL on CUDA, gloo on CPU.
@@ -50,11 +53,30 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         ) from e
 
 
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The files holding a shipped model's weights in `directory`: [model.safetensors], or the
+    index followed by its shards; [] when the folder holds neither."""
+    directory = Path(directory)
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    index = directory / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        return [index] + [directory / name for name in shards]
+    return []
+
+
 def save_pretrained(
-    directory: str | os.PathLike, state_dict: dict, config: dict, dtype: torch.dtype | None = None
+    directory: str | os.PathLike, state_dict: dict, config: dict, dtype: torch.dtype | None = None,
+    max_shard_mb: float | None = None,
 ) -> None:
     """Write `model.safetensors` (+ `config.json`) into `directory`; `dtype` casts float tensors
-    (fp16 for the weights shipped in git)."""
+    (fp16 for the weights shipped in git). With `max_shard_mb`, weights larger than that are split
+    into shards of at most that size (tensors kept whole, in order) listed by an index file."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -64,24 +86,54 @@ def save_pretrained(
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[name] = t.contiguous()
-    with atomic_write(directory / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp))
+    limit = None if max_shard_mb is None else int(max_shard_mb * 2**20) - 64 * 1024  # room for each header
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    shards: list[dict] = [{}]
+    if limit is not None and total > limit:
+        size = 0
+        for name, t in tensors.items():
+            n = t.numel() * t.element_size()
+            if shards[-1] and size + n > limit:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += n
+    stale = weight_files(directory)
+    written = []
+    if len(shards) == 1:
+        written.append(directory / WEIGHTS_NAME)
+        with atomic_write(written[0]) as tmp:
+            save_file(tensors, str(tmp))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            path = directory / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            with atomic_write(path) as tmp:
+                save_file(shard, str(tmp))
+            weight_map.update({name: path.name for name in shard})
+            written.append(path)
+        written.append(directory / WEIGHTS_INDEX_NAME)
+        write_json(written[-1], {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for path in stale:  # the previous save's files that this one did not overwrite
+        if path not in written:
+            path.unlink(missing_ok=True)
     write_json(directory / "config.json", config)
 
 
 def load_pretrained_state(path: str | os.PathLike, checkpoint_names: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """(state_dict in float32, config dict) from a model folder or a training checkpoint.
 
-    `path` may be: a folder holding `model.safetensors` + `config.json`; a folder holding one of
-    `checkpoint_names` (e.g. "best_codec.pt"); a `.safetensors` file with `config.json` beside it;
-    or a `.pt` training checkpoint with `model_state` and `config`.
+    `path` may be: a folder holding `model.safetensors` (or a sharded model's index and shards) +
+    `config.json`; a folder holding one of `checkpoint_names` (e.g. "best_codec.pt"); a
+    `.safetensors` file with `config.json` beside it; or a `.pt` training checkpoint with
+    `model_state` and `config`.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_dir():
-        if (path / "model.safetensors").is_file():
-            path = path / "model.safetensors"
+        if weight_files(path):
+            path = weight_files(path)[0]
         else:
             found = [path / n for n in checkpoint_names if (path / n).is_file()]
             if not found:
@@ -90,11 +142,18 @@ def load_pretrained_state(path: str | os.PathLike, checkpoint_names: tuple[str, 
             path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or path.name == WEIGHTS_INDEX_NAME:
         config_path = path.with_name("config.json")
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} missing: a model needs its config beside it")
-        state = load_file(str(path))
+        if path.name == WEIGHTS_INDEX_NAME:
+            state = {}
+            for shard in weight_files(path.parent)[1:]:
+                if not shard.is_file():
+                    raise FileNotFoundError(f"{shard} missing: {path} lists it; copy the whole model folder")
+                state.update(load_file(str(shard)))
+        else:
+            state = load_file(str(path))
         config = read_json(config_path)
     else:
         ckpt = load_checkpoint(path)

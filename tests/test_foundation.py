@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 import config
 from audio_io import (AudioError, atomic_write, load_audio, read_manifest, save_audio, write_json,
@@ -169,3 +170,28 @@ def test_metrics_log_truncates_to_resume_step(tmp_path):
 def test_write_json_is_utf8(tmp_path):
     write_json(tmp_path / "x.json", {"te": "తెలుగు"})
     assert json.loads((tmp_path / "x.json").read_text(encoding="utf-8")) == {"te": "తెలుగు"}
+
+
+def test_shipped_model_shards_round_trip_and_replace_each_other(tmp_path):
+    """save_pretrained splits weights over max_shard_mb into shards + an index (tensors whole, in
+    order); loading gives the same state in float32; saving again unsharded removes the shards."""
+    from training import WEIGHTS_INDEX_NAME, load_pretrained_state, save_pretrained, weight_files
+
+    torch.manual_seed(0)
+    state = {f"layer{i}.weight": torch.randn(256, 256) for i in range(6)}  # 128 KiB each in fp16
+    state["steps"] = torch.arange(5)
+    save_pretrained(tmp_path, state, {"width": 256}, dtype=torch.float16, max_shard_mb=0.3)
+    files = weight_files(tmp_path)
+    assert files[0].name == WEIGHTS_INDEX_NAME and len(files) >= 4
+    assert all(p.stat().st_size <= 0.3 * 2**20 for p in files[1:])
+    loaded, config = load_pretrained_state(tmp_path)
+    assert config == {"width": 256} and sorted(loaded) == sorted(state)
+    for k, v in state.items():
+        expect = v.half().float() if v.is_floating_point() else v
+        assert torch.equal(loaded[k], expect)
+    files[-1].unlink()
+    with pytest.raises(FileNotFoundError, match="copy the whole model folder"):
+        load_pretrained_state(tmp_path)
+    save_pretrained(tmp_path, state, {"width": 256})  # fits one file: the shards and index go
+    assert [p.name for p in weight_files(tmp_path)] == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
