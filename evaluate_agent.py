@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 import warnings
 from collections import defaultdict
@@ -437,8 +438,15 @@ def main(argv=None) -> dict:
     return report
 
 
+def shown(path: str) -> str:
+    """A path as the reader should see it: relative to the working folder when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def markdown(r: dict) -> str:
-    lines = [f"Evaluation on the {r['split']} split ({r['model_dir']}; sampling T={r['temperature']}, top-k {r['top_k']})", "",
+    lines = [f"Evaluation on the {r['split']} split ({shown(r['model_dir'])}; sampling T={r['temperature']}, "
+             f"top-k {r['top_k']})", "",
              "| measure | result | chance / target |", "|---|---|---|"]
     for group, label, target in (("first_turn", "reply accuracy (nearest answer by DTW)", ">= 90%"),
                                  ("repeat_that", "'repeat that' reproduces the previous answer", "-"),
