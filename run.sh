@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set this machine up, then run one job. Safe to re-run: every step skips what is already done.
 #
-#   bash run.sh demo     set up, then run the main job (see `demo` below)
+#   bash run.sh demo     set up, then serve the voice agent on the shipped demo models (http://127.0.0.1:8000)
 #   bash run.sh test     set up, then run the whole test suite (what CI runs)
 #   bash run.sh setup    set up only: system packages, .venv with torch and requirements.txt
 #
@@ -76,9 +76,11 @@ case "$cmd" in
     ;;
   demo)
     setup
-    # Until the trained agent lands, the main job builds a quick subset of the synthetic corpus.
     shift
-    exec "$PY" make_telugu_speech.py --limit 10 "$@"
+    # The agent on the default models shipped in checkpoints/demo (see its MODEL_CARD.md); the page's
+    # sample questions are rendered on the first start. Extra args go to the server (--host 0.0.0.0 ...).
+    log "starting the Telugu voice agent: open http://127.0.0.1:8000 in a browser (Ctrl-C stops it)"
+    exec "$PY" streaming_server_advanced.py --model_dir checkpoints/demo "$@"
     ;;
   test)
     setup
