@@ -87,7 +87,19 @@ def rank_candidates(reply: np.ndarray, candidates: dict[str, np.ndarray]) -> lis
     return sorted(costs, key=costs.get)
 
 
-def voices_told_apart(embeds: list[tuple[str, np.ndarray]], centroids: dict[str, np.ndarray]) -> tuple[int, dict]:
+def voice_encoder():
+    """resemblyzer's speaker encoder (its weights ship in the package: nothing is downloaded)."""
+    with warnings.catch_warnings():  # resemblyzer's webrtcvad imports the deprecated pkg_resources
+        warnings.simplefilter("ignore")
+        from resemblyzer import VoiceEncoder
+    return VoiceEncoder("cpu", verbose=False)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / max(float(np.linalg.norm(x)), 1e-9)
+
+
+def voice_confusion(embeds: list[tuple[str, np.ndarray]], centroids: dict[str, np.ndarray]) -> tuple[int, dict]:
     """How many (voice, unit embedding) pairs lie nearest, by cosine, to their own voice's centroid;
     and the confusion counts {true: {predicted: n}}."""
     confusion: dict = defaultdict(lambda: defaultdict(int))
@@ -356,20 +368,18 @@ def main(argv=None) -> dict:
     for group, items in chosen.items():
         kind = "recall" if group == "what_did_i_ask" else "answer"
         rows = []
-        for b in range(0, len(items), args.print_every):
-            batch = items[b : b + args.print_every]
-            for i, p in enumerate(batch):
-                wav = agent.round_trip(p["target_path"]) if args.oracle else agent.reply(p, seed=args.seed + b + i)
-                rows.append({**score_reply(wav, p, refs, kind), "wav": wav})
-                if saved < args.save_wavs:
-                    name = f"{group}_{len(rows):03d}_{p['intent_id']}_{p['voice']}_{p['emotion']}.wav"
-                    save_audio(out / "replies" / name, wav if len(wav) else np.zeros(160, np.float32))
-                    saved += 1
-            done = sum(r["rank"] == 1 for r in rows)
-            print(f"  {group}: {len(rows)}/{len(items)} replies, {done} nearest to the intended reply "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        for i, p in enumerate(items):
+            wav = agent.round_trip(p["target_path"]) if args.oracle else agent.reply(p, seed=args.seed + i)
+            rows.append({**score_reply(wav, p, refs, kind), "wav": wav})
+            if saved < args.save_wavs:
+                name = f"{group}_{len(rows):03d}_{p['intent_id']}_{p['voice']}_{p['emotion']}.wav"
+                save_audio(out / "replies" / name, wav if len(wav) else np.zeros(160, np.float32))
+                saved += 1
+            if len(rows) % args.print_every == 0 or len(rows) == len(items):
+                done = sum(r["rank"] == 1 for r in rows)
+                print(f"  {group}: {len(rows)}/{len(items)} replies, {done} nearest to the intended reply "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
         results[group] = rows
-
 
     first = results["first_turn"]
     report: dict = {"model_dir": str(args.model_dir), "data_dir": str(data_dir), "split": args.split,
@@ -387,11 +397,7 @@ def main(argv=None) -> dict:
     report["first_turn"]["by_voice"] = {v: round(accuracy(rs), 4) for v, rs in sorted(by_voice.items())}
 
     # Voices: the replies' speaker embeddings against the split's neutral agent recordings.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from resemblyzer import VoiceEncoder
-    encoder = VoiceEncoder("cpu", verbose=False)
-    unit = lambda x: x / max(float(np.linalg.norm(x)), 1e-9)  # noqa: E731
+    encoder = voice_encoder()
     voice_refs = defaultdict(list)
     for r in agent_rows:
         if (r.get("split") == args.split and r["emotion"] == "neutral" and r.get("kind") == "answer"
@@ -399,7 +405,7 @@ def main(argv=None) -> dict:
             voice_refs[r["voice"]].append(encoder.embed_utterance(load_audio(r["path"])))
     centroids = {v: unit(np.mean(e, axis=0)) for v, e in voice_refs.items()}
     embeds = [(r["voice"], encoder.embed_utterance(r["wav"])) for r in first if r["reply_s"] >= 0.3]
-    correct, confusion = voices_told_apart(embeds, centroids)
+    correct, confusion = voice_confusion(embeds, centroids)
     report["voices"] = {"n": len(embeds), "accuracy": round(correct / max(len(embeds), 1), 4), "confusion": confusion,
                         "reference": "centroids of 16 neutral agent recordings per voice"}
 

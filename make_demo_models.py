@@ -46,7 +46,7 @@ import torch
 from audio_io import read_json, write_json
 import evaluate_agent
 from config import DEMO_MODEL_DIR, add_workspace_arg, workspace_from_args
-from training import weight_files
+from training import load_checkpoint, weight_files
 
 PY = sys.executable
 MAX_FILE_BYTES = 15_000_000  # what git takes here: 15 MB a file
@@ -79,7 +79,7 @@ def run(cmd: list[str]) -> None:
 def checkpoint_step(path: Path) -> int:
     if not path.is_file():
         return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    return int(load_checkpoint(path)["step"])
 
 
 def sha256(path: Path) -> str:
@@ -131,7 +131,7 @@ def claim_s2s_run(s2s_run: Path, codec_sha: str, batch_size: int) -> None:
             raise SystemExit(f"{s2s_run} was trained on the tokens of another codec (sha256 "
                              f"{trained_on.read_text().strip()[:12]}, now {codec_sha[:12]}): they no longer match. "
                              f"Move {s2s_run} away to train the S2S model again on this codec")
-        saved = torch.load(last, map_location="cpu", weights_only=True).get("args", {}).get("batch_size")
+        saved = load_checkpoint(last).get("args", {}).get("batch_size")
         if saved is not None and int(saved) != batch_size:
             raise SystemExit(f"{s2s_run} trains with batch size {saved}; --s2s_batch_size {batch_size} would not "
                              f"continue it exactly. Pass --s2s_batch_size {saved}, or move {s2s_run} away")
@@ -164,12 +164,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(DEMO_MODEL_DIR), help=f"where the shipped models go (default {DEMO_MODEL_DIR})")
     p.add_argument("--runs", default="runs", help="training runs (checkpoints, logs; git-ignored), default runs/")
     p.add_argument("--codec_steps", type=int, default=6900, help="codec optimizer steps in all (default 6900)")
-    p.add_argument("--s2s_steps", type=int, default=2500, help="S2S optimizer steps in all (default 2500)")
+    p.add_argument("--s2s_steps", type=int, default=2000, help="S2S optimizer steps in all (default 2000)")
     p.add_argument("--s2s_batch_size", type=int, default=8, help="S2S pairs per step (default 8)")
     p.add_argument("--workers", type=int, default=2, help="corpus rendering processes")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the S2S training (0: torch's default)")
-    p.add_argument("--eval_pairs", type=int, default=192, help="first-turn test pairs to evaluate")
-    p.add_argument("--eval_context", type=int, default=32, help="'repeat that' / 'what did I ask' pairs each")
+    p.add_argument("--eval_pairs", type=int, default=96, help="first-turn test pairs to evaluate (default 96)")
+    p.add_argument("--eval_context", type=int, default=24, help="'repeat that' / 'what did I ask' pairs each (default 24)")
     p.add_argument("--skip_eval", action="store_true", help="export without evaluating (no model card figures)")
     return p.parse_args(argv)
 
@@ -243,14 +243,9 @@ def main(argv=None) -> None:
 
     # 5. ship both together: the codec as exported, the S2S model with the lowest validation loss
     best = s2s_run / "s2s_best.pt" if (s2s_run / "s2s_best.pt").is_file() else s2s_last
-    best_ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    best_ckpt = load_checkpoint(best)
     export(TeluguS2STransformer, best, out / "s2s")
-    staged = out / "codec.partial"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    for path in weight_files(codec_export) + [codec_export / "config.json"]:
-        shutil.copy2(path, staged / path.name)
-    install(staged, out / "codec")
+    export(TeluCodec, codec_export, out / "codec")  # fp16 -> fp16: the very bytes the S2S model learned from
 
     # 6. evaluation (skipped when these very weights were evaluated already) and model card
     s2s_sha = folder_sha256(out / "s2s")

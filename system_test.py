@@ -49,7 +49,6 @@ import statistics
 import sys
 import time
 import traceback
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +57,8 @@ import torch
 
 import audio_metrics
 import benchmark_latency as bl
+import evaluate_agent as ev
+from evaluate_agent import unit, voice_encoder
 import streaming_server_advanced  # silero-vad, which it imports, sets torch's thread count: before we choose ours
 from audio_io import load_audio, read_manifest, write_json
 from config import (DEMO_MODEL_DIR, EMOTIONS, SAMPLE_RATE, VOICES, add_workspace_arg, config_to_dict,
@@ -322,17 +323,6 @@ def check_emotions(setup: Setup) -> Check:
                   values)
 
 
-def voice_encoder():
-    with warnings.catch_warnings():  # resemblyzer's webrtcvad imports the deprecated pkg_resources
-        warnings.simplefilter("ignore")
-        from resemblyzer import VoiceEncoder
-    return VoiceEncoder("cpu", verbose=False)
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / max(float(np.linalg.norm(x)), 1e-9)
-
-
 def voices_told_apart(embeds: dict[str, np.ndarray], references: dict[str, np.ndarray] | None = None) -> int:
     """How many utterances (embeds: voice -> (n, D) unit embeddings) lie nearest, by cosine, to
     their own voice's centroid: the centroids of `references` (voice -> (m, D)) when given, else
@@ -355,8 +345,6 @@ def voices_told_apart(embeds: dict[str, np.ndarray], references: dict[str, np.nd
 
 
 def check_s2s_quality(setup: Setup) -> Check:
-    import evaluate_agent as ev
-
     args = setup.args
     target = f">={100 * args.target_reply_accuracy:g}% nearest to the intended answer"
     if not args.data_dir:

@@ -70,9 +70,9 @@ def test_emotion_table_removes_the_shift_every_reply_shares():
     assert ignored["energy_db"]["same_sign"] == 0 and ignored["voiced_ratio"]["same_sign"] == 0
 
 
-def test_voices_told_apart_counts_and_confusion():
+def test_voice_confusion_counts():
     c = {"A": np.array([1.0, 0.0]), "B": np.array([0.0, 1.0])}
-    correct, confusion = ev.voices_told_apart([("A", np.array([0.9, 0.1])), ("A", np.array([0.2, 0.8])),
+    correct, confusion = ev.voice_confusion([("A", np.array([0.9, 0.1])), ("A", np.array([0.2, 0.8])),
                                                ("B", np.array([0.0, 1.0]))], c)
     assert correct == 2 and confusion == {"A": {"A": 1, "B": 1}, "B": {"B": 1}}
 
