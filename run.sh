@@ -14,7 +14,7 @@ cd "$(dirname "$0")"
 VENV=.venv
 PY=$VENV/bin/python
 TORCH_CPU_VERSION=2.13.0
-APT_PACKAGES=(festival festvox-te-nsk espeak-ng sox ffmpeg libsndfile1 python3-venv chromium fonts-lohit-telu)
+APT_PACKAGES=(festival festival-te festvox-te-nsk espeak-ng sox ffmpeg libsndfile1 python3-venv chromium fonts-lohit-telu)
 
 log() { printf '\033[1m[run.sh]\033[0m %s\n' "$*"; }
 
