@@ -14,6 +14,13 @@ with more time or a GPU, continues instead of starting over):
   6. card     evaluate_agent.py on the test split (unless these weights were evaluated already),
               then <out>/MODEL_CARD.md and <out>/training.json
 
+Training across sessions: runs/ is scratch space that a new machine does not have, so the shipped
+fp16 weights are what carries over. `--continue_shipped --s2s_steps N` trains the shipped S2S model
+for N more steps on the shipped codec's tokens (stages 2-3 skipped; a stage of its own with a fresh
+optimizer, warm-up and a cosine decay ending at step N, in runs/s2s_demo_from_<sha of the weights>,
+resumable like any run), ships the result and appends the stage to training.json, so the model card
+lists every stage the weights went through, and replaying them reproduces the weights.
+
 The S2S model learns the codes of the exported (fp16) codec, the very weights the server loads, so
 its tokens match at serving time. Changing the codec (more codec steps) re-encodes the token cache
 and means training the S2S model again: the script refuses to resume an S2S run on another codec
@@ -60,6 +67,10 @@ CODEC_FLAGS = ["--preset", "demo", "--batch_size", "8", "--learning_rate", "1e-3
 S2S_OVERRIDES = {"dropout": 0.0}
 S2S_FLAGS = ["--preset", "demo", "--num_epochs", "30", "--learning_rate", "5e-4", "--warmup_steps", "200",
              "--eval_every", "500", "--save_every", "100", "--max_val_batches", "25", "--experiment_name", "s2s_demo"]
+# Continuing the shipped S2S model (--continue_shipped): a stage of its own, --s2s_steps long, with a
+# fresh optimizer, a short warm-up and a cosine decay that ends with the stage (a warm restart).
+CONTINUE_FLAGS = ["--learning_rate", "5e-4", "--warmup_steps", "200", "--num_epochs", "1000", "--eval_every", "500",
+                  "--save_every", "100", "--max_val_batches", "25", "--experiment_name", "s2s_demo"]
 
 
 def log(msg: str) -> None:
@@ -165,6 +176,9 @@ def parse_args(argv=None):
     p.add_argument("--runs", default="runs", help="training runs (checkpoints, logs; git-ignored), default runs/")
     p.add_argument("--codec_steps", type=int, default=6900, help="codec optimizer steps in all (default 6900)")
     p.add_argument("--s2s_steps", type=int, default=2000, help="S2S optimizer steps in all (default 2000)")
+    p.add_argument("--continue_shipped", action="store_true",
+                   help="train the shipped S2S model in --out for --s2s_steps more steps on the shipped codec's tokens "
+                        "(a new stage: fresh optimizer, warm-up, cosine decay to the stage's end)")
     p.add_argument("--s2s_batch_size", type=int, default=8, help="S2S pairs per step (default 8)")
     p.add_argument("--workers", type=int, default=2, help="corpus rendering processes")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the S2S training (0: torch's default)")
@@ -200,6 +214,17 @@ def main(argv=None) -> None:
     codec_run, s2s_run = runs / "codec_demo", runs / "s2s_demo"
     codec_export = codec_run / "export"  # the fp16 codec the S2S model learns from, shipped with it
     t0 = time.time()
+    card_path = out / "training.json"
+    previous = read_json(card_path) if card_path.is_file() else {}
+    if args.continue_shipped:
+        if previous.get("s2s", {}).get("sha256") != folder_sha256(out / "s2s") or \
+                previous.get("codec", {}).get("sha256") != folder_sha256(out / "codec"):
+            raise SystemExit(f"--continue_shipped: {out} holds weights that {card_path} does not describe; "
+                             f"restore them (git checkout {out}) or train from scratch without --continue_shipped")
+        codec_run = None
+        codec_export = out / "codec"
+        init_sha = hashlib.sha256("".join(previous["s2s"]["sha256"].values()).encode()).hexdigest()
+        s2s_run = runs / f"s2s_demo_from_{init_sha[:12]}"
 
     # 1. corpus
     if not corpus_complete(corpus):
@@ -208,8 +233,10 @@ def main(argv=None) -> None:
         log(f"corpus: {corpus} is complete")
 
     # 2. codec
-    done = checkpoint_step(codec_run / "last.pt")
-    if done < args.codec_steps:
+    done = checkpoint_step(codec_run / "last.pt") if codec_run else args.codec_steps
+    if codec_run is None:
+        log(f"codec: the shipped one ({codec_export})")
+    elif done < args.codec_steps:
         resume = ["--resume", str(codec_run / "last.pt")] if done else []
         run([PY, "train_codec_dac.py", "--data_dir", str(corpus), "--output_dir", str(codec_run), *CODEC_FLAGS,
              "--max_steps", str(args.codec_steps), *resume])
@@ -220,11 +247,12 @@ def main(argv=None) -> None:
     from s2s_transformer import TeluguS2STransformer
     from telugu_codec import TeluCodec
 
-    codec_step = checkpoint_step(codec_run / "last.pt")
-    stamp = codec_export / "step.txt"
-    if not stamp.is_file() or stamp.read_text().strip() != str(codec_step):
-        export(TeluCodec, codec_run / "last.pt", codec_export)
-        stamp.write_text(f"{codec_step}\n")
+    if codec_run is not None:
+        codec_step = checkpoint_step(codec_run / "last.pt")
+        stamp = codec_export / "step.txt"
+        if not stamp.is_file() or stamp.read_text().strip() != str(codec_step):
+            export(TeluCodec, codec_run / "last.pt", codec_export)
+            stamp.write_text(f"{codec_step}\n")
     codec_sha = sha256(weight_files(codec_export)[0])  # the S2S run is tied to it
 
     # 4. S2S on the exported codec's tokens
@@ -232,12 +260,14 @@ def main(argv=None) -> None:
     claim_s2s_run(s2s_run, codec_sha, args.s2s_batch_size)
     write_json(s2s_run / "overrides.json", S2S_OVERRIDES)
     done = checkpoint_step(s2s_last)
+    stage_flags = S2S_FLAGS if not args.continue_shipped else \
+        CONTINUE_FLAGS + ["--schedule_steps", str(args.s2s_steps), "--init_from", str(out / "s2s")]
     if done < args.s2s_steps:
         resume = ["--resume", str(s2s_last)] if done else []
         threads = ["--threads", str(args.threads)] if args.threads else []
         run([PY, "train_s2s.py", "--data_dir", str(corpus), "--codec_path", str(codec_export),
              "--checkpoint_dir", str(s2s_run), "--config", str(s2s_run / "overrides.json"),
-             "--batch_size", str(args.s2s_batch_size), *S2S_FLAGS, "--max_steps", str(args.s2s_steps), *threads, *resume])
+             "--batch_size", str(args.s2s_batch_size), *stage_flags, "--max_steps", str(args.s2s_steps), *threads, *resume])
     else:
         log(f"s2s: {s2s_last} is at step {done} (>= {args.s2s_steps})")
 
@@ -245,27 +275,36 @@ def main(argv=None) -> None:
     best = s2s_run / "s2s_best.pt" if (s2s_run / "s2s_best.pt").is_file() else s2s_last
     best_ckpt = load_checkpoint(best)
     export(TeluguS2STransformer, best, out / "s2s")
-    export(TeluCodec, codec_export, out / "codec")  # fp16 -> fp16: the very bytes the S2S model learned from
+    if codec_run is not None:
+        export(TeluCodec, codec_export, out / "codec")  # fp16 -> fp16: the very bytes the S2S model learned from
 
     # 6. evaluation (skipped when these very weights were evaluated already) and model card
     s2s_sha = folder_sha256(out / "s2s")
-    card_path = out / "training.json"
-    previous = read_json(card_path) if card_path.is_file() else {}
+    machine = (f"{cpu_name()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
+               + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+    stage = {"step": int(best_ckpt["step"]), "trained_steps": checkpoint_step(s2s_last), "run": str(s2s_run),
+             "flags": stage_flags + ["--batch_size", str(args.s2s_batch_size)], "overrides": S2S_OVERRIDES,
+             "precision": load_checkpoint(s2s_last).get("precision", "fp32"),
+             "val_loss": float(best_ckpt.get("val_loss", float("nan"))),
+             "val_accuracy": float(best_ckpt.get("metrics", {}).get("val_accuracy", float("nan"))),
+             "train_seconds": round(wall_seconds(s2s_run / "s2s_demo.jsonl", "seconds")), "machine": machine}
+    if args.continue_shipped:
+        stages = s2s_stages(previous) + [stage]
+        codec_info = previous["codec"]
+    else:
+        stages = [stage]
+        codec_info = {"step": codec_step, "run": str(codec_run), "flags": CODEC_FLAGS,
+                      "parameters": sum(p.numel() for p in TeluCodec.from_pretrained(out / "codec").parameters()),
+                      "train_seconds": round(wall_seconds(codec_run / "metrics.jsonl", "seconds_per_step")),
+                      "sha256": folder_sha256(out / "codec"), "machine": machine}
     info = {
-        "codec": {"step": codec_step, "run": str(codec_run), "flags": CODEC_FLAGS,
-                  "parameters": sum(p.numel() for p in TeluCodec.from_pretrained(out / "codec").parameters()),
-                  "train_seconds": round(wall_seconds(codec_run / "metrics.jsonl", "seconds_per_step")),
-                  "sha256": folder_sha256(out / "codec")},
-        "s2s": {"step": int(best_ckpt["step"]), "trained_steps": checkpoint_step(s2s_last), "run": str(s2s_run),
-                "flags": S2S_FLAGS + ["--batch_size", str(args.s2s_batch_size)], "overrides": S2S_OVERRIDES,
+        "codec": codec_info,
+        "s2s": {"stages": stages, "steps": sum(st["step"] for st in stages),
                 "parameters": TeluguS2STransformer.from_pretrained(out / "s2s").num_parameters(),
-                "val_loss": float(best_ckpt.get("val_loss", float("nan"))),
-                "val_accuracy": float(best_ckpt.get("metrics", {}).get("val_accuracy", float("nan"))),
-                "train_seconds": round(wall_seconds(s2s_run / "s2s_demo.jsonl", "seconds")),
-                "sha256": s2s_sha},
+                "val_loss": stage["val_loss"], "val_accuracy": stage["val_accuracy"],
+                "train_seconds": sum(st["train_seconds"] for st in stages), "sha256": s2s_sha},
         "corpus": evaluate_agent.shown(str(corpus)),
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
-                   + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
+        "machine": machine,
     }
     same_weights = (previous.get("codec", {}).get("sha256") == info["codec"]["sha256"]
                     and previous.get("s2s", {}).get("sha256") == s2s_sha)
@@ -283,8 +322,27 @@ def main(argv=None) -> None:
     log(f"all stages done in {time.time() - t0:.0f} s; {out}/MODEL_CARD.md written")
 
 
+def s2s_stages(info: dict) -> list[dict]:
+    """The S2S training stages of a training.json, oldest first (cards before stages had one,
+    described at the top level of "s2s", trained on the card's machine)."""
+    s = info["s2s"]
+    if "stages" in s:
+        return s["stages"]
+    keys = ("step", "trained_steps", "run", "flags", "overrides", "val_loss", "val_accuracy", "train_seconds")
+    return [{**{k: s[k] for k in keys}, "precision": "fp32", "machine": info["machine"]}]
+
+
+def stage_line(i: int, st: dict) -> str:
+    start = "from scratch" if i == 0 else "from the previous stage's shipped fp16 weights"
+    return (f"- S2S stage {i + 1} ({start}): weights from step {st['step']} of {st['trained_steps']} (lowest "
+            f"validation loss {st['val_loss']:.3f}, validation token accuracy {100 * st['val_accuracy']:.1f}%) of "
+            f"`train_s2s.py {' '.join(st['flags'])}` with overrides {st['overrides']}, {st['precision']}, "
+            f"~{st['train_seconds'] / 3600:.1f} h on {st['machine']}.")
+
+
 def model_card(info: dict) -> str:
     c, s = info["codec"], info["s2s"]
+    stages = s2s_stages(info)
     lines = [
         "# Demo models: TeluCodec (demo) + Telugu S2S transformer (demo)",
         "",
@@ -310,14 +368,10 @@ def model_card(info: dict) -> str:
         "",
         f"- codec: {c['step']} steps of `train_codec_dac.py {' '.join(c['flags'])}` "
         f"(~{c['train_seconds'] / 3600:.1f} h of training time).",
-        f"- S2S: shipped weights from step {s['step']} (lowest validation loss {s['val_loss']:.3f}, validation "
-        f"token accuracy {100 * s['val_accuracy']:.1f}%; run at {s['trained_steps']} steps) of "
-        f"`train_s2s.py {' '.join(s['flags'])}` with overrides {s['overrides']} "
-        f"(~{s['train_seconds'] / 3600:.1f} h of training time), on the exported codec's tokens.",
-        "- Both schedules span the recipe's full runs (40 codec epochs = 61,040 steps; 30 S2S epochs); these "
-        "weights are from early in them, at near-peak learning rate. `make_demo_models.py --s2s_steps N` "
-        "continues exactly.",
-        f"- machine: {info['machine']}",
+        *[stage_line(i, st) for i, st in enumerate(stages)],
+        "- The S2S model learns the tokens of the shipped fp16 codec. The first stage's schedule spans the "
+        "recipe's full run (30 epochs) and stopped early, near the peak rate; each later stage "
+        "(`make_demo_models.py --continue_shipped --s2s_steps N`) warms up again and decays to its own end.",
         "",
         "## Measured",
         "",

@@ -6,6 +6,7 @@ Usage (the mission's Phase 5 command, paths from the workspace by default):
         --hidden_dim 768 --num_encoder_layers 12 --num_decoder_layers 12 --experiment_name telugu_s2s_production
     python train_s2s.py --preset demo --learning_rate 1e-3 ...   # the CPU real-time model
     python train_s2s.py ... --resume                               # continue from <checkpoint_dir>/last.pt
+    python train_s2s.py ... --init_from checkpoints/demo/s2s       # fine-tune shipped weights (fresh optimizer)
     torchrun --nproc_per_node 2 train_s2s.py ...                   # DDP (NCCL on GPUs, gloo on CPUs)
 
 Data: <data_dir>/metadata/{train,validation}_pairs.json, lists of {"input_path", "target_path",
@@ -20,7 +21,8 @@ encoded again, anything else never. Shards are written every few hundred files, 
 keeps what it encoded; under torchrun the ranks share the work.
 
 Training: loss = mean over codebooks of cross-entropy + end-of-reply loss; AdamW, linear warm-up
-then cosine decay (training.lr_at, over --num_epochs), gradient clipping, bf16 autocast on CUDA.
+then cosine decay (training.lr_at, over --num_epochs or --schedule_steps), gradient clipping, bf16
+autocast where bf16 is native (CUDA; CPUs with AMX / AVX512-BF16; --precision).
 Validation (each epoch, or every --eval_every steps): loss, token accuracy and perplexity per
 codebook, end-of-reply accuracy.
 
@@ -47,14 +49,16 @@ import torch.distributed as dist
 
 from audio_io import PAIRS_FILES, load_audio, read_json
 from config import EMOTIONS, VOICES, add_workspace_arg, config_from_dict, config_to_dict, workspace_from_args
-from s2s_transformer import PRESETS, ROLE_AGENT, ROLE_USER, ContextTurns, S2SConfig, TeluguS2STransformer
+from s2s_transformer import CHECKPOINT_NAMES, PRESETS, ROLE_AGENT, ROLE_USER, ContextTurns, S2SConfig, TeluguS2STransformer
 from training import (
     MetricsLog,
     all_reduce_mean,
     cleanup_distributed,
     init_distributed,
     load_checkpoint,
+    load_pretrained_state,
     lr_at,
+    resolve_precision,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -87,6 +91,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_steps", type=int, default=0,
                    help="stop after this many optimizer steps in all (0: run all epochs); the LR schedule "
                         "still follows --num_epochs, so a stopped run resumes exactly")
+    p.add_argument("--schedule_steps", type=int, default=0,
+                   help="length of the LR schedule in optimizer steps (0: --num_epochs of steps); a run "
+                        "meant to stop at --max_steps decays its rate fully with --schedule_steps equal to it")
+    p.add_argument("--init_from", default=None,
+                   help="start from these weights (a model folder such as checkpoints/demo/s2s, a .safetensors "
+                        "file or a checkpoint) with a fresh optimizer and schedule: the model config is theirs, "
+                        "--config may still change non-shape fields (dropout); ignored when resuming")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast dtype: auto = bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), "
+                        "fp32 elsewhere; a resumed run keeps its own unless this names one")
     p.add_argument("--warmup_steps", type=int, default=1000, help="linear LR warm-up steps (capped at 10%% of the run)")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay on matrices")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
@@ -343,17 +357,21 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
     return metrics
 
 
-def build_config(args, checkpoint: dict | None) -> S2SConfig:
-    """The model config: from the checkpoint when resuming (flags may not contradict it), else
+def build_config(args, checkpoint: dict | None, init_config: dict | None = None) -> S2SConfig:
+    """The model config: from the checkpoint when resuming, from the --init_from weights' config
+    (then --config) when starting from them (the size flags may contradict neither), else
     --preset, then --config, then the size flags."""
     flags = {k: getattr(args, k) for k in ("hidden_dim", "num_encoder_layers", "num_decoder_layers")
              if getattr(args, k) is not None}
-    if checkpoint is not None:
-        cfg = config_from_dict(S2SConfig, checkpoint["config"])
+    stored, what = (checkpoint["config"], "--resume") if checkpoint is not None else (init_config, "--init_from")
+    if stored is not None:
+        cfg = config_from_dict(S2SConfig, stored)
         clash = {k: (v, getattr(cfg, k)) for k, v in flags.items() if getattr(cfg, k) != v}
         if clash:
-            raise ValueError(f"--resume: the checkpoint's model differs from the flags {clash} (flag, checkpoint); "
+            raise ValueError(f"{what}: the stored model differs from the flags {clash} (flag, stored); "
                              "drop the flags or start a new --checkpoint_dir")
+        if checkpoint is None and args.config:
+            cfg = config_from_dict(S2SConfig, read_json(args.config), base=cfg)
         return cfg
     cfg = S2SConfig.preset(args.preset)
     if args.config:
@@ -418,7 +436,10 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
         if not resume_path.is_file():
             raise FileNotFoundError(f"--resume: {resume_path} not found")
     checkpoint = load_checkpoint(resume_path) if resume_path else None
-    cfg = build_config(args, checkpoint)
+    init_state = init_config = None
+    if checkpoint is None and args.init_from:
+        init_state, init_config = load_pretrained_state(args.init_from, CHECKPOINT_NAMES)
+    cfg = build_config(args, checkpoint, init_config)
 
     # data and token cache
     train_pairs, val_pairs = load_pairs(data_dir, "train"), load_pairs(data_dir, "val")
@@ -441,7 +462,7 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
     model = TeluguS2STransformer(cfg).to(ctx.device)
     optimizer = make_optimizer(model, args)
     steps_per_epoch = len(epoch_batches(train_set, args.batch_size, 0, args.seed, ctx.rank, ctx.world_size))
-    total_steps = steps_per_epoch * args.num_epochs
+    total_steps = args.schedule_steps or steps_per_epoch * args.num_epochs
     warmup = min(args.warmup_steps, total_steps // 10)
     step, epoch, step_in_epoch, best_val = 0, 0, 0, math.inf
     if checkpoint is not None:
@@ -455,13 +476,23 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
         set_rng_state(rngs[ctx.rank % len(rngs)])
         log(f"resumed {resume_path} at step {step} (epoch {epoch}, batch {step_in_epoch})")
     else:
+        if init_state is not None:
+            model.load_state_dict(init_state)
+            log(f"weights from {args.init_from}; fresh optimizer and schedule")
         seed_everything(args.seed + ctx.rank)  # different dropout per rank
+    init_from = checkpoint.get("init_from") if checkpoint is not None else args.init_from
+    # a resumed run keeps the precision it trained in (checkpoints before --precision: bf16 on CUDA only)
+    stored_precision = None
+    if checkpoint is not None:
+        stored_precision = checkpoint.get("precision", "bf16" if ctx.device.type == "cuda" else "fp32")
+    precision = stored_precision if stored_precision and args.precision == "auto" else resolve_precision(args.precision, ctx.device)
     raw_model = model
     if ctx.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    autocast = ctx.device.type == "cuda"
+    autocast = precision == "bf16"
     log(f"model: {raw_model.num_parameters() / 1e6:.1f} M parameters, hidden {cfg.hidden_dim}, "
-        f"{cfg.num_encoder_layers} + {cfg.num_decoder_layers} layers; {ctx.world_size} process(es) on {ctx.device}; "
+        f"{cfg.num_encoder_layers} + {cfg.num_decoder_layers} layers; {ctx.world_size} process(es) on {ctx.device}, "
+        f"{precision}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} in all")
 
     metrics_log = MetricsLog(ckpt_dir, stem=args.experiment_name) if ctx.is_main else None
@@ -483,7 +514,7 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
                 "model_state": raw_model.state_dict(), "config": config_to_dict(cfg), "optimizer": optimizer.state_dict(),
                 "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "best_val_loss": best_val,
                 "rng": rngs[0], "rng_per_rank": rngs, "experiment_name": args.experiment_name,
-                "args": {k: v for k, v in vars(args).items()},
+                "args": {k: v for k, v in vars(args).items()}, "precision": precision, "init_from": init_from,
             })
 
     def validate():

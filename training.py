@@ -245,6 +245,30 @@ def set_rng_state(state: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Precision
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 matrix products run natively: CUDA, or a CPU with AMX or AVX512-BF16 (on this repo's
+    Sapphire Rapids machine a 2048^2 bf16 matmul runs ~5x faster than fp32; an S2S demo training
+    step ~1.5-2x, the rest being memory-bound ops)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' where native_bf16(device), else 'fp32'; 'bf16' / 'fp32' are kept."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32; got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+# --------------------------------------------------------------------------------------
 # Schedule and logs
 
 

@@ -100,6 +100,47 @@ def test_outputs_checkpoints_and_shipped_model(corpus, tmp_path):
     assert (out / "test.csv").read_text().startswith("step,")
 
 
+def test_init_from_continues_the_weights_with_a_fresh_schedule(corpus, tmp_path):
+    """--init_from (how the shipped model trains on in a later session): training starts from the
+    given weights, not a fresh init, with a new optimizer and an LR schedule of --schedule_steps."""
+    train_s2s.main(args_for(corpus, tmp_path / "first", "--num_epochs", "1"))
+    shipped = TeluguS2STransformer.from_pretrained(tmp_path / "first")
+    shipped.save(tmp_path / "fp16", dtype=torch.float16)  # as checkpoints/demo ships it
+    start = TeluguS2STransformer.from_pretrained(tmp_path / "fp16").state_dict()
+    out = tmp_path / "second"
+    # a rate too small to move the weights: what the run ends with is what it started from
+    train_s2s.main(args_for(corpus, out, "--num_epochs", "100", "--schedule_steps", "6", "--max_steps", "6",
+                            "--init_from", str(tmp_path / "fp16"), "--learning_rate", "1e-12"))
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["step"] == 6 and last["init_from"] == str(tmp_path / "fp16")
+    assert set(last["optimizer"]["state"]) and last["optimizer"]["state"][0]["step"] == 6  # a new optimizer
+    for name, tensor in start.items():
+        torch.testing.assert_close(last["model_state"][name], tensor, atol=1e-6, rtol=0, msg=name)
+    fresh = TeluguS2STransformer(shipped.config).state_dict()
+    assert not torch.allclose(fresh["bos"], last["model_state"]["bos"])
+    lrs = [r["lr"] for r in rows(out) if "lr" in r]
+    assert lrs == pytest.approx([train_s2s.lr_at(i, 1e-12, 0, 6) for i in range(6)], rel=1e-9)  # 6-step decay
+    assert lrs[-1] < 0.2e-12
+    with pytest.raises(ValueError, match="--init_from.*hidden_dim"):
+        train_s2s.main(args_for(corpus, tmp_path / "third", "--init_from", str(tmp_path / "fp16"), "--hidden_dim", "128"))
+
+
+def test_precision_is_resolved_once_and_kept_on_resume(corpus, tmp_path):
+    from training import native_bf16, resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        resolve_precision("fp16", torch.device("cpu"))
+    out = tmp_path / "bf16"
+    train_s2s.main(args_for(corpus, out, "--num_epochs", "1", "--max_steps", "2", "--precision", "bf16"))
+    assert torch.load(out / "last.pt", weights_only=True)["precision"] == "bf16"
+    train_s2s.main(args_for(corpus, out, "--num_epochs", "1", "--resume"))  # auto: keeps bf16
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["precision"] == "bf16" and last["step"] == 4
+    assert all(t.dtype == torch.float32 for t in last["model_state"].values() if t.is_floating_point())
+
+
 def test_token_cache_is_built_once_and_follows_changes(corpus, tmp_path, capsys):
     train_s2s.main(args_for(corpus, tmp_path / "one", "--num_epochs", "1", "--max_steps", "1"))
     first = capsys.readouterr().out
