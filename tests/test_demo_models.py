@@ -121,3 +121,26 @@ def test_export_refuses_files_git_should_not_hold(tmp_path, monkeypatch):
         make_demo_models.export(TeluCodec, tmp_path / "src", tmp_path / "ok")
     assert (tmp_path / "ok" / "model.safetensors").read_bytes() == before  # the shipped files are untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "src"]  # nothing left behind
+
+
+def test_model_card_is_written_from_training_json_and_lists_every_stage():
+    info = json.loads((DEMO / "training.json").read_text())
+    stages = make_demo_models.s2s_stages(info)
+    assert stages and stages[0]["trained_steps"] >= stages[0]["step"] > 0
+    card = make_demo_models.model_card(info)
+    for i, stage in enumerate(stages):
+        assert make_demo_models.stage_line(i, stage) in card
+    assert (DEMO / "MODEL_CARD.md").read_text() == card  # the card says what training.json records
+
+
+def test_continue_shipped_refuses_weights_the_card_does_not_describe(tmp_path):
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(DEMO, out)
+    info = json.loads((out / "training.json").read_text())
+    info["s2s"]["sha256"] = {name: "0" * 64 for name in info["s2s"]["sha256"]}  # other weights than these
+    (out / "training.json").write_text(json.dumps(info))
+    with pytest.raises(SystemExit, match="does not describe"):
+        make_demo_models.main(["--continue_shipped", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()  # refused before any work
