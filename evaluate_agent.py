@@ -27,12 +27,17 @@ decoded to audio. Then:
                    the intended reference renderings (the design).
   codec            PESQ-WB, STOI, SNR of the split's recordings through the codec alone.
 
-Writes <out>/evaluation.json, <out>/evaluation.md and a few replies as WAVs to listen to.
+Writes <out>/evaluation.json, <out>/evaluation.md and a few replies as WAVs to listen to. Each
+reply is also kept in <out>/replies_cache/<key>/ as it is made (key: the weights, the split and the
+sampling settings), so a killed evaluation run again continues where it stopped and scores the
+very same replies.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import time
@@ -320,6 +325,29 @@ class Agent:
         return self.codec.decode(out[None].to(self.device))[0, 0].float().cpu().numpy()
 
 
+def cache_key(model_dir: Path, args) -> str:
+    """What the replies depend on: the weights (their bytes), the split and the sampling settings."""
+    h = hashlib.sha256()
+    for sub in ("codec",) if args.oracle else ("codec", "s2s"):
+        for f in weight_files(model_dir / sub):
+            h.update(f.read_bytes())
+    h.update(repr((args.split, args.temperature, args.top_k, args.max_reply_s, args.seed, args.oracle)).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_reply(path: Path, make) -> tuple[np.ndarray, bool]:
+    """The reply stored at `path` (.npy, float32 as made), else make() and store it atomically.
+    Returns (reply, whether it came from the cache)."""
+    if path.is_file():
+        return np.load(path), True
+    wav = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".partial.npy")
+    np.save(tmp, wav)
+    os.replace(tmp, path)
+    return wav, False
+
+
 # --------------------------------------------------------------------------------------
 # Main
 
@@ -363,13 +391,18 @@ def main(argv=None) -> dict:
     agent = Agent.load(Path(args.model_dir), device, args.temperature, args.top_k, args.max_reply_s, codec_only=args.oracle)
 
     refs = References(agent_rows, data_dir)
+    cache = out / "replies_cache" / cache_key(Path(args.model_dir), args)
     results: dict[str, list[dict]] = {}
-    saved = 0
+    saved = reused = 0
     for group, items in chosen.items():
         kind = "recall" if group == "what_did_i_ask" else "answer"
         rows = []
         for i, p in enumerate(items):
-            wav = agent.round_trip(p["target_path"]) if args.oracle else agent.reply(p, seed=args.seed + i)
+            pair_id = hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12]
+            wav, hit = cached_reply(
+                cache / f"{group}_{i:04d}_{pair_id}.npy",
+                lambda: agent.round_trip(p["target_path"]) if args.oracle else agent.reply(p, seed=args.seed + i))
+            reused += hit
             rows.append({**score_reply(wav, p, refs, kind), "wav": wav})
             if saved < args.save_wavs:
                 name = f"{group}_{len(rows):03d}_{p['intent_id']}_{p['voice']}_{p['emotion']}.wav"
@@ -380,6 +413,8 @@ def main(argv=None) -> dict:
                 print(f"  {group}: {len(rows)}/{len(items)} replies, {done} nearest to the intended reply "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
         results[group] = rows
+    if reused:
+        print(f"  {reused} replies reused from {cache} (an earlier run of the same weights and settings)", flush=True)
 
     first = results["first_turn"]
     report: dict = {"model_dir": str(args.model_dir), "data_dir": str(data_dir), "split": args.split,

@@ -143,6 +143,27 @@ def test_evaluation_runs_on_a_fake_corpus(fake_corpus, tmp_path):
     assert len(list((tmp_path / "replies").glob("*.wav"))) == 2
 
 
+def test_a_killed_evaluation_continues_with_the_same_replies(fake_corpus, tmp_path, monkeypatch):
+    first = run_eval(fake_corpus, tmp_path)
+    cached = sorted((tmp_path / "replies_cache").glob("*/*.npy"))
+    assert len(cached) == 8  # 6 first turns + 1 + 1 context turns, one file each
+
+    # a run killed after 3 replies: the rest is made again, the 3 are not
+    for path in cached[3:]:
+        path.unlink()
+    made = []
+    real_reply = ev.Agent.reply
+    monkeypatch.setattr(ev.Agent, "reply", lambda self, p, seed: made.append(seed) or real_reply(self, p, seed))
+    again = run_eval(fake_corpus, tmp_path)
+    assert len(made) == 5
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert strip(again) == strip(first)  # the same replies, the same scores
+
+    made.clear()
+    run_eval(fake_corpus, tmp_path, "--temperature", "0.5")  # other settings: other replies
+    assert len(made) == 8 and len(list((tmp_path / "replies_cache").iterdir())) == 2
+
+
 def test_oracle_replies_score_the_metric_itself(fake_corpus, tmp_path, monkeypatch):
     """--oracle scores a reference instead of the S2S reply: with a "codec" that slows speech down
     by 15% (pitch kept) and adds noise (so no reply equals its reference), every reply must still
