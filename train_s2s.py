@@ -542,6 +542,7 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
 
     bar = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc=args.experiment_name, dynamic_ncols=True)
     max_steps = args.max_steps or total_steps
+    first_step = step
     model.train()
     start, last_time, stopped = time.time(), time.time(), False
     while epoch < args.num_epochs and not stopped:
@@ -583,6 +584,8 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
         step_in_epoch = 0
         if not args.eval_every:
             validate()
+    if args.eval_every and step % args.eval_every and step > first_step:
+        validate()  # the weights the run ends with (at its lowest rate) are candidates for the best too
     bar.close()
     save_last()
     check_ranks_in_sync(raw_model, ctx)

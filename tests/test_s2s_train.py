@@ -125,6 +125,14 @@ def test_init_from_continues_the_weights_with_a_fresh_schedule(corpus, tmp_path)
         train_s2s.main(args_for(corpus, tmp_path / "third", "--init_from", str(tmp_path / "fp16"), "--hidden_dim", "128"))
 
 
+def test_a_run_validates_the_weights_it_ends_with(corpus, tmp_path):
+    out = tmp_path / "run"
+    train_s2s.main(args_for(corpus, out, "--num_epochs", "5", "--eval_every", "4", "--max_steps", "6"))
+    assert [r["step"] for r in rows(out) if "val_loss" in r] == [4, 6]
+    train_s2s.main(args_for(corpus, out, "--num_epochs", "5", "--eval_every", "4", "--max_steps", "6", "--resume"))
+    assert [r["step"] for r in rows(out) if "val_loss" in r] == [4, 6]  # nothing trained, nothing validated again
+
+
 def test_precision_is_resolved_once_and_kept_on_resume(corpus, tmp_path):
     from training import native_bf16, resolve_precision
 
