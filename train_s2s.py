@@ -40,7 +40,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -327,7 +327,10 @@ def run_model(model, batch: Batch, autocast: bool):
 @torch.no_grad()
 def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
     """Validation metrics over this rank's share of the pairs, summed over ranks: loss, per-codebook
-    accuracy and perplexity, end-of-reply accuracy (frame- and step-weighted)."""
+    accuracy and perplexity, end-of-reply accuracy (frame- and step-weighted), and val_input_gain:
+    how much the user's turn is worth to the model, the code cross-entropy (nats per code) with
+    each reply paired with another pair's user turn (the batch rolled by one) minus that with its
+    own. Near 0, the model answers the same whatever was asked."""
     model.eval()
     batches = epoch_batches(examples, args.batch_size, 0, args.seed, ctx.rank, ctx.world_size)
     if args.max_val_batches:
@@ -335,21 +338,31 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
     k = None
     totals = None
     for idx in batches:
-        out = run_model(model, collate(examples, idx, ctx.device), autocast)
+        batch = collate(examples, idx, ctx.device)
+        out = run_model(model, batch, autocast)
         frames = out.metrics["frames"].float()
         k = out.codebook_losses.shape[0]
+        swapped_ce, swapped_frames = frames.new_zeros(1), frames.new_zeros(1)
+        if len(idx) > 1:
+            other = replace(batch, codes=batch.codes.roll(1, 0), input_lengths=batch.input_lengths.roll(1, 0))
+            swapped_ce = run_model(model, other, autocast).codebook_losses.float().mean()[None] * frames
+            swapped_frames = frames[None]
         row = torch.cat([out.codebook_losses.float() * frames, out.metrics["accuracy"].float() * frames,
                          (out.stop_loss.float() * frames)[None], (out.metrics["stop_accuracy"].float() * frames)[None],
+                         swapped_ce, swapped_frames, (out.codebook_losses.float().mean() * swapped_frames),
                          frames[None]])
         totals = row if totals is None else totals + row
     if ctx.enabled:
         dist.all_reduce(totals)
     model.train()
     n = totals[-1]
+    swapped_n = totals[2 * k + 3].clamp_min(1)
+    input_gain = float((totals[2 * k + 2] - totals[2 * k + 4]) / swapped_n)
     ce, acc = totals[:k] / n, totals[k : 2 * k] / n
     stop_loss, stop_acc = totals[2 * k] / n, totals[2 * k + 1] / n
     cfg = (model.module if hasattr(model, "module") else model).config
     metrics = {"val_loss": float(ce.mean() + cfg.stop_loss_weight * stop_loss), "val_accuracy": float(acc.mean()),
+               "val_input_gain": input_gain,
                "val_stop_accuracy": float(stop_acc), "val_stop_loss": float(stop_loss)}
     for i in range(k):
         metrics[f"val_acc_cb{i}"] = float(acc[i])
@@ -529,6 +542,7 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
             if wandb:
                 wandb.log(row, step=step)
             log(f"step {step} epoch {epoch}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}, "
+                f"input gain {metrics['val_input_gain']:.4f} nats, "
                 f"ppl cb0 {metrics['val_ppl_cb0']:.1f}, end-of-reply accuracy {metrics['val_stop_accuracy']:.3f}"
                 + (" (best)" if improved else ""))
             if improved:

@@ -133,6 +133,40 @@ def test_a_run_validates_the_weights_it_ends_with(corpus, tmp_path):
     assert [r["step"] for r in rows(out) if "val_loss" in r] == [4, 6]  # nothing trained, nothing validated again
 
 
+def test_input_gain_says_whether_the_reply_depends_on_the_question():
+    """val_input_gain: 0 for a model that cannot see the user's turn (its cross-attention and turn
+    summary zeroed), clearly positive for one that was trained to answer from it."""
+    from types import SimpleNamespace
+
+    from s2s_transformer import S2SConfig
+    from training import DistContext
+
+    torch.manual_seed(0)
+    cfg = S2SConfig.preset("tiny")
+    # each reply is its question's codes, so the question is all that predicts the reply
+    examples = []
+    for _ in range(6):
+        q = torch.randint(0, 16, (cfg.n_codebooks, 24), dtype=torch.int16)
+        examples.append(train_s2s.Example(q, q.clone(), 0, 0, []))
+    args = SimpleNamespace(batch_size=3, seed=0, max_val_batches=0)
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    model = TeluguS2STransformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = train_s2s.collate(examples, list(range(6)), ctx.device)
+    for _ in range(150):  # learn to copy
+        loss = train_s2s.run_model(model, batch, False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gain = train_s2s.evaluate(model, examples, args, ctx, False)["val_input_gain"]
+    assert gain > 0.5
+    with torch.no_grad():
+        for layer in model.decoder:
+            layer.cross_attn.out.weight.zero_()
+        model.turn_summary.weight.zero_()
+    assert train_s2s.evaluate(model, examples, args, ctx, False)["val_input_gain"] == pytest.approx(0.0, abs=1e-5)
+
+
 def test_precision_is_resolved_once_and_kept_on_resume(corpus, tmp_path):
     from training import native_bf16, resolve_precision
 
