@@ -23,8 +23,10 @@ keeps what it encoded; under torchrun the ranks share the work.
 Training: loss = mean over codebooks of cross-entropy + end-of-reply loss; AdamW, linear warm-up
 then cosine decay (training.lr_at, over --num_epochs or --schedule_steps), gradient clipping, bf16
 autocast where bf16 is native (CUDA; CPUs with AMX / AVX512-BF16; --precision).
-Validation (each epoch, or every --eval_every steps): loss, token accuracy and perplexity per
-codebook, end-of-reply accuracy.
+Validation (each epoch, or every --eval_every steps and at the run's last step): loss, token
+accuracy and perplexity per codebook, end-of-reply accuracy, and val_input_gain (how much lower
+the loss is with each reply's own question than with another's: near 0, the model ignores what
+was asked).
 
 Outputs in --checkpoint_dir: last.pt (every evaluation, --save_every steps and at the end; exact
 resume: model, optimizer, step, position in the epoch, every rank's RNG), s2s_best.pt (lowest
