@@ -349,6 +349,8 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
             other = replace(batch, codes=batch.codes.roll(1, 0), input_lengths=batch.input_lengths.roll(1, 0))
             swapped_ce = run_model(model, other, autocast).codebook_losses.float().mean()[None] * frames
             swapped_frames = frames[None]
+        # frame-weighted sums: per-codebook CE (k), accuracy (k), stop loss, stop accuracy, then for
+        # the rolled batch its mean CE, its frames and the own-question mean CE over those frames; frames
         row = torch.cat([out.codebook_losses.float() * frames, out.metrics["accuracy"].float() * frames,
                          (out.stop_loss.float() * frames)[None], (out.metrics["stop_accuracy"].float() * frames)[None],
                          swapped_ce, swapped_frames, (out.codebook_losses.float().mean() * swapped_frames),
@@ -496,11 +498,11 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
             log(f"weights from {args.init_from}; fresh optimizer and schedule")
         seed_everything(args.seed + ctx.rank)  # different dropout per rank
     init_from = checkpoint.get("init_from") if checkpoint is not None else args.init_from
-    # a resumed run keeps the precision it trained in (checkpoints before --precision: bf16 on CUDA only)
-    stored_precision = None
-    if checkpoint is not None:
-        stored_precision = checkpoint.get("precision", "bf16" if ctx.device.type == "cuda" else "fp32")
-    precision = stored_precision if stored_precision and args.precision == "auto" else resolve_precision(args.precision, ctx.device)
+    if checkpoint is not None and args.precision == "auto":
+        # a resumed run keeps the precision it trained in (checkpoints before --precision: bf16 on CUDA only)
+        precision = checkpoint.get("precision", "bf16" if ctx.device.type == "cuda" else "fp32")
+    else:
+        precision = resolve_precision(args.precision, ctx.device)
     raw_model = model
     if ctx.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
