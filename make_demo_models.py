@@ -261,7 +261,7 @@ def main(argv=None) -> None:
     write_json(s2s_run / "overrides.json", S2S_OVERRIDES)
     done = checkpoint_step(s2s_last)
     stage_flags = S2S_FLAGS if not args.continue_shipped else \
-        CONTINUE_FLAGS + ["--schedule_steps", str(args.s2s_steps), "--init_from", str(out / "s2s")]
+        CONTINUE_FLAGS + ["--schedule_steps", str(args.s2s_steps), "--init_from", evaluate_agent.shown(str(out / "s2s"))]
     if done < args.s2s_steps:
         resume = ["--resume", str(s2s_last)] if done else []
         threads = ["--threads", str(args.threads)] if args.threads else []
