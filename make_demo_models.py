@@ -68,7 +68,8 @@ S2S_OVERRIDES = {"dropout": 0.0}
 S2S_FLAGS = ["--preset", "demo", "--num_epochs", "30", "--learning_rate", "5e-4", "--warmup_steps", "200",
              "--eval_every", "500", "--save_every", "100", "--max_val_batches", "25", "--experiment_name", "s2s_demo"]
 # Continuing the shipped S2S model (--continue_shipped): a stage of its own, --s2s_steps long, with a
-# fresh optimizer, a short warm-up and a cosine decay that ends with the stage (a warm restart).
+# fresh optimizer, a short warm-up and a cosine decay that ends with the stage (a warm restart);
+# --schedule_steps and --max_steps set its length, --num_epochs only bounds the data loop.
 CONTINUE_FLAGS = ["--learning_rate", "5e-4", "--warmup_steps", "200", "--num_epochs", "1000", "--eval_every", "500",
                   "--save_every", "100", "--max_val_batches", "25", "--experiment_name", "s2s_demo"]
 
@@ -233,7 +234,7 @@ def main(argv=None) -> None:
         log(f"corpus: {corpus} is complete")
 
     # 2. codec
-    done = checkpoint_step(codec_run / "last.pt") if codec_run else args.codec_steps
+    done = checkpoint_step(codec_run / "last.pt") if codec_run else 0
     if codec_run is None:
         log(f"codec: the shipped one ({codec_export})")
     elif done < args.codec_steps:
