@@ -63,8 +63,10 @@ SHARD_MB = 14.0  # shards of at most 14 MiB (14.7 MB), under that limit
 CODEC_FLAGS = ["--preset", "demo", "--batch_size", "8", "--learning_rate", "1e-3", "--num_epochs", "40",
                "--use_discriminators", "--discriminator_start_epoch", "4", "--val_every", "1500",
                "--save_every", "300", "--num_workers", "1"]
-# S2S: the demo preset without dropout (the corpus is small next to the steps a CPU gives it).
-S2S_OVERRIDES = {"dropout": 0.0}
+# S2S: the demo preset without dropout (the corpus is small next to the steps a CPU gives it), with
+# the auxiliary losses that tie the reply to the question: CTC of the question's text on the encoder,
+# 30% of the reply's own past hidden from the decoder (see S2SConfig).
+S2S_OVERRIDES = {"dropout": 0.0, "encoder_ctc_weight": 0.5, "decoder_input_dropout": 0.3}
 S2S_FLAGS = ["--preset", "demo", "--num_epochs", "30", "--learning_rate", "5e-4", "--warmup_steps", "200",
              "--eval_every", "500", "--save_every", "100", "--max_val_batches", "25", "--experiment_name", "s2s_demo"]
 # Continuing the shipped S2S model (--continue_shipped): a stage of its own, --s2s_steps long, with a
@@ -180,6 +182,9 @@ def parse_args(argv=None):
     p.add_argument("--continue_shipped", action="store_true",
                    help="train the shipped S2S model in --out for --s2s_steps more steps on the shipped codec's tokens "
                         "(a new stage: fresh optimizer, warm-up, cosine decay to the stage's end)")
+    p.add_argument("--s2s_init_exclude", default="",
+                   help="with --continue_shipped: parameter-name prefixes left at a fresh init (train_s2s.py "
+                        "--init_exclude), e.g. 'encoder.' to retrain a collapsed encoder")
     p.add_argument("--s2s_batch_size", type=int, default=8, help="S2S pairs per step (default 8)")
     p.add_argument("--workers", type=int, default=2, help="corpus rendering processes")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the S2S training (0: torch's default)")
@@ -262,7 +267,8 @@ def main(argv=None) -> None:
     write_json(s2s_run / "overrides.json", S2S_OVERRIDES)
     done = checkpoint_step(s2s_last)
     stage_flags = S2S_FLAGS if not args.continue_shipped else \
-        CONTINUE_FLAGS + ["--schedule_steps", str(args.s2s_steps), "--init_from", evaluate_agent.shown(str(out / "s2s"))]
+        CONTINUE_FLAGS + ["--schedule_steps", str(args.s2s_steps), "--init_from", evaluate_agent.shown(str(out / "s2s"))] \
+        + (["--init_exclude", args.s2s_init_exclude] if args.s2s_init_exclude else [])
     if done < args.s2s_steps:
         resume = ["--resume", str(s2s_last)] if done else []
         threads = ["--threads", str(args.threads)] if args.threads else []

@@ -42,6 +42,14 @@ written in place by position (gpt-fast), and the cross-attention K/V are compute
 the user speaks, by prepare_context): with ReplyState.static_shapes every step has fixed shapes,
 for torch.compile / CUDA graphs on GPU; on CPU the filled part of the buffers is sliced instead.
 
+Auxiliary losses (S2SConfig.encoder_ctc_weight, decoder_input_dropout), for training only: a
+reply can be learned from voice, emotion and its own past codes alone, and then the decoder stops
+reading the memory and the encoder collapses (measured: README). A CTC head reads the user turn's
+text (Telugu graphemes, text_to_ids) off the encoder output, so the encoder must carry what was
+said (Translatotron's auxiliary recognition targets); word dropout on the decoder's input hides
+some of the reply's own past, so the decoder must take what comes next from the memory. The CTC
+head also gives a transcript of the user's turn (transcribe).
+
 Conditioning: speaker and emotion vectors (speaker_embeddings.py; ids or mixing weights, so
 voices interpolate) plus a summary of the user's turn are added to every decoder step.
 
@@ -117,6 +125,11 @@ class S2SConfig:
     max_reply_steps: int = 750  # default max_new_tokens: 15 s of reply
     dropout: float = 0.1
     stop_loss_weight: float = 1.0
+    # Auxiliary losses that keep the reply tied to the question. Without them the decoder learns
+    # the reply from its own past codes, voice and emotion alone and the encoder collapses to a
+    # constant (measured: README, "why the replies ignore the question").
+    encoder_ctc_weight: float = 0.0  # CTC of the user turn's text (TEXT_VOCAB) on the encoder output
+    decoder_input_dropout: float = 0.0  # training only: drop this share of the reply's input steps
     rope_base: float = 10000.0
     use_flash_attn: bool = False  # flash_attn where it computes the same as SDPA; SDPA otherwise
 
@@ -151,6 +164,10 @@ class S2SConfig:
                 raise ValueError(f"S2SConfig.{name} must be >= 1; got {getattr(self, name)}")
         if self.encoder_left_chunks < 0:
             raise ValueError("encoder_left_chunks must be >= 0")
+        if self.encoder_ctc_weight < 0:
+            raise ValueError("encoder_ctc_weight must be >= 0 (0: no text head)")
+        if not 0.0 <= self.decoder_input_dropout < 1.0:
+            raise ValueError("decoder_input_dropout must be in [0, 1)")
         self.n_turn_slots = 2 * (self.max_context_turns + 1)
         self.step_ms = 1000.0 * self.frames_per_step / self.codec_frame_rate
         self.flash = self.use_flash_attn and flash_attn_available()
@@ -176,6 +193,47 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_dim=64, num_encoder_layers=2, num_decoder_layers=2, num_heads=2, depth_dim=32,
                  depth_layers=1, depth_heads=2, conv_kernel_size=3, dropout=0.0),
 }
+
+
+# --------------------------------------------------------------------------------------
+# Text of a turn, for the auxiliary CTC loss: Telugu graphemes (the Unicode block U+0C00..U+0C7F,
+# each code point a token: consonants, vowel signs and virama spell the akshara) and a word
+# break; punctuation, digits and other scripts are dropped. 0 is the CTC blank.
+
+TEXT_BLANK, TEXT_SPACE, TEXT_FIRST = 0, 1, 2
+TELUGU_BLOCK = range(0x0C00, 0x0C80)
+TEXT_VOCAB_SIZE = TEXT_FIRST + len(TELUGU_BLOCK)
+
+
+def text_to_ids(text: str) -> list[int]:
+    """Telugu text -> CTC targets: one id per Telugu code point, one TEXT_SPACE per run of
+    whitespace or punctuation between words, nothing else."""
+    ids: list[int] = []
+    for ch in text:
+        if ord(ch) in TELUGU_BLOCK:
+            ids.append(TEXT_FIRST + ord(ch) - TELUGU_BLOCK.start)
+        elif ids and ids[-1] != TEXT_SPACE and not ch.isdigit():
+            ids.append(TEXT_SPACE)
+    while ids and ids[-1] == TEXT_SPACE:
+        ids.pop()
+    return ids
+
+
+def ids_to_text(ids: list[int]) -> str:
+    return "".join(" " if i == TEXT_SPACE else chr(TELUGU_BLOCK.start + i - TEXT_FIRST) for i in ids if i != TEXT_BLANK)
+
+
+def ctc_greedy(logits: torch.Tensor, valid: torch.Tensor) -> list[str]:
+    """Best-path CTC decoding of the text head: logits (B, S, V), valid (B, S) -> B strings."""
+    out = []
+    for row, ok in zip(logits.argmax(-1).tolist(), valid.tolist()):
+        ids, prev = [], TEXT_BLANK
+        for i, keep in zip(row, ok):
+            if keep and i != prev and i != TEXT_BLANK:
+                ids.append(i)
+            prev = i if keep else prev
+        out.append(ids_to_text(ids))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -254,6 +312,7 @@ class S2SOutput:
     codebook_losses: torch.Tensor | None = None  # (K,) mean cross-entropy per codebook
     stop_loss: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
+    text_loss: torch.Tensor | None = None  # CTC of the user turn's text (encoder_ctc_weight > 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -733,6 +792,8 @@ class TeluguS2STransformer(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(d)
         self.stop_head = nn.Linear(d, 1)
+        # training aid: the user turn's text read off the encoder (CTC); also a transcript for the page
+        self.text_head = nn.Linear(d, TEXT_VOCAB_SIZE) if cfg.encoder_ctc_weight > 0 else None
         n_out = cfg.n_codebooks * cfg.frames_per_step * cfg.codebook_size
         self.depth = DepthHead(cfg) if cfg.depth_dim else None
         self.parallel_head = None if cfg.depth_dim else nn.Linear(d, n_out)
@@ -876,11 +937,15 @@ class TeluguS2STransformer(nn.Module):
         context: ContextTurns | Memory | None = None,
         input_lengths: torch.Tensor | None = None,
         target_lengths: torch.Tensor | None = None,
+        input_text: torch.Tensor | None = None,
+        input_text_lengths: torch.Tensor | None = None,
     ) -> S2SOutput:
         """codes (B, K, F_in) user turn; target_codes (B, K, F_out) the reply; speaker_id and
         emotion_id (B,) ids or (B, N) weights; lengths (B,) in frames for padded batches.
         Returns logits (B, K, F_out, V), stop logits and losses (mean cross-entropy per codebook
-        over real frames, plus a binary end-of-reply loss at every real step and one past the end)."""
+        over real frames, plus a binary end-of-reply loss at every real step and one past the end).
+        With encoder_ctc_weight > 0, input_text (B, L) text_to_ids of the user turn, padded, and
+        input_text_lengths (B,) (0 = no transcript for that pair) add the CTC loss."""
         cfg = self.config
         self.check_codes(codes, "codes")
         self.check_codes(target_codes, "target_codes")
@@ -902,6 +967,12 @@ class TeluguS2STransformer(nn.Module):
         target = pad_to_steps(fill_after_end(target_codes, target_lengths), fps)  # (B, K, S * fps)
         s = target.shape[-1] // fps
         x = torch.cat([self.bos.expand(b, 1, -1), self.embed(target)], dim=1)  # (B, S + 1, D)
+        if self.training and cfg.decoder_input_dropout > 0:
+            # Word dropout (Bowman et al. 2016): with some of its own past hidden, the decoder has to
+            # read what comes next from the memory, i.e. from the question, instead of only continuing.
+            drop = torch.rand(b, s + 1, device=x.device) < cfg.decoder_input_dropout
+            drop[:, 0] = False
+            x = x.masked_fill(drop[..., None], 0.0)
         x = x + self.condition(speaker_id, emotion_id, turn)
         steps = torch.arange(s + 1, device=x.device)
         cos, sin = rope_cos_sin(steps, cfg.head_dim, cfg.rope_base)
@@ -930,12 +1001,41 @@ class TeluguS2STransformer(nn.Module):
         stop_loss = (F.binary_cross_entropy_with_logits(stop_logits.float(), stop_target, reduction="none")
                      * step_ok).sum() / step_ok.sum()
         loss = codebook_losses.mean() + cfg.stop_loss_weight * stop_loss
+        text_loss = None
+        if self.text_head is not None and input_text is not None:
+            text_loss = self.text_ctc_loss(turn, input_text, input_text_lengths)
+            loss = loss + cfg.encoder_ctc_weight * text_loss
         with torch.no_grad():
             correct = (logits.argmax(-1) == target_codes) & frame_ok[:, None]
             accuracy = correct.sum(dim=(0, 2)).float() / n_ok  # (K,)
             stop_correct = (((stop_logits > 0).float() == stop_target) & step_ok).sum() / step_ok.sum()
         metrics = {"accuracy": accuracy, "stop_accuracy": stop_correct, "frames": n_ok}
-        return S2SOutput(logits, stop_logits, loss, codebook_losses, stop_loss, metrics)
+        return S2SOutput(logits, stop_logits, loss, codebook_losses, stop_loss, metrics, text_loss)
+
+    def text_ctc_loss(self, turn: Memory, text: torch.Tensor, text_lengths: torch.Tensor | None) -> torch.Tensor:
+        """CTC of the user turn's text (B, L) on the text head over its memory (B, S, D), in nats
+        per character: the mean over the pairs that have a transcript that fits (0 when none has)."""
+        if text_lengths is None:
+            text_lengths = torch.full((text.shape[0],), text.shape[1], dtype=torch.long)
+        text, text_lengths = text.to(self.device), text_lengths.to(self.device)
+        # CTC needs a step per character plus one between repeated characters; a turn too short
+        # for its text (or one with no text) adds nothing rather than an infinite or zeroed loss
+        pos = torch.arange(text.shape[1] - 1, device=self.device)
+        repeats = ((text[:, 1:] == text[:, :-1]) & (pos[None] < text_lengths[:, None] - 1)).sum(1)
+        has = (text_lengths > 0) & (turn.valid.sum(1) >= text_lengths + repeats)
+        if not bool(has.any()):
+            return turn.vectors.new_zeros(()).float()
+        log_probs = F.log_softmax(self.text_head(turn.vectors).float(), dim=-1)  # (B, S, V)
+        per_pair = F.ctc_loss(log_probs[has].transpose(0, 1), text[has], turn.valid[has].sum(1),
+                              text_lengths[has], blank=TEXT_BLANK, reduction="none", zero_infinity=True)
+        return (per_pair / text_lengths[has]).mean()
+
+    @torch.no_grad()
+    def transcribe(self, turn: Memory) -> list[str]:
+        """The text head's best-path reading of a user turn's memory (needs encoder_ctc_weight > 0)."""
+        if self.text_head is None:
+            raise ValueError("this model has no text head (trained with encoder_ctc_weight 0)")
+        return ctc_greedy(self.text_head(turn.vectors).float(), turn.valid)
 
     def _step_logits(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """h (N, D) decoder states, codes (N, K, fps) the step's codes (teacher forcing for the

@@ -10,9 +10,11 @@ Usage (the mission's Phase 5 command, paths from the workspace by default):
     torchrun --nproc_per_node 2 train_s2s.py ...                   # DDP (NCCL on GPUs, gloo on CPUs)
 
 Data: <data_dir>/metadata/{train,validation}_pairs.json, lists of {"input_path", "target_path",
-"speaker_id", "emotion_id", "history": [{"input_path", "target_path", ...}, ...]} with paths
-relative to <data_dir> (or absolute). A pair with history trains the context path: its earlier
+"speaker_id", "emotion_id", "history": [{"input_path", "target_path", ...}, ...], "input_text"} with
+paths relative to <data_dir> (or absolute). A pair with history trains the context path: its earlier
 turns (user, agent, user, ...; the last S2SConfig.max_context_turns of them) become `context`.
+"input_text" (optional: the user turn's transcript) feeds the encoder's CTC loss when the config has
+encoder_ctc_weight > 0; pairs without it simply add no CTC loss.
 
 Token cache: every WAV the pairs refer to is encoded once with the codec and kept as int16 codes
 in <token_cache>/<codec id>/shard-*.pt (default <data_dir>/token_cache). The codec id hashes the
@@ -20,13 +22,15 @@ codec's weights, a WAV's key is its path, size and mtime: a new codec or a chang
 encoded again, anything else never. Shards are written every few hundred files, so a killed run
 keeps what it encoded; under torchrun the ranks share the work.
 
-Training: loss = mean over codebooks of cross-entropy + end-of-reply loss; AdamW, linear warm-up
+Training: loss = mean over codebooks of cross-entropy + end-of-reply loss (+ encoder_ctc_weight x the
+CTC of the user turn's text; decoder_input_dropout hides some of the reply's past); AdamW, linear warm-up
 then cosine decay (training.lr_at, over --num_epochs or --schedule_steps), gradient clipping, bf16
 autocast where bf16 is native (CUDA; CPUs with AMX / AVX512-BF16; --precision).
 Validation (each epoch, or every --eval_every steps and at the run's last step): loss, token
 accuracy and perplexity per codebook, end-of-reply accuracy, and val_input_gain (how much lower
 the loss is with each reply's own question than with another's: near 0, the model ignores what
-was asked).
+was asked), and with a text head the CTC loss and character error rate of its transcripts
+(val_text_loss, val_cer).
 
 Outputs in --checkpoint_dir: last.pt (every evaluation, --save_every steps and at the end; exact
 resume: model, optimizer, step, position in the epoch, every rank's RNG), s2s_best.pt (lowest
@@ -42,7 +46,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +55,17 @@ import torch.distributed as dist
 
 from audio_io import PAIRS_FILES, load_audio, read_json
 from config import EMOTIONS, VOICES, add_workspace_arg, config_from_dict, config_to_dict, workspace_from_args
-from s2s_transformer import CHECKPOINT_NAMES, PRESETS, ROLE_AGENT, ROLE_USER, ContextTurns, S2SConfig, TeluguS2STransformer
+from s2s_transformer import (
+    CHECKPOINT_NAMES,
+    PRESETS,
+    ROLE_AGENT,
+    ROLE_USER,
+    ContextTurns,
+    S2SConfig,
+    TeluguS2STransformer,
+    ctc_greedy,
+    text_to_ids,
+)
 from training import (
     MetricsLog,
     all_reduce_mean,
@@ -100,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start from these weights (a model folder such as checkpoints/demo/s2s, a .safetensors "
                         "file or a checkpoint) with a fresh optimizer and schedule: the model config is theirs, "
                         "--config may still change non-shape fields (dropout); ignored when resuming")
+    p.add_argument("--init_exclude", default="",
+                   help="with --init_from: comma-separated parameter-name prefixes left at their fresh init "
+                        "(e.g. 'encoder.' to retrain a collapsed encoder under a new loss)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype: auto = bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), "
                         "fp32 elsewhere; a resumed run keeps its own unless this names one")
@@ -154,7 +171,8 @@ def load_pairs(data_dir: Path, split: str) -> list[dict]:
                 raise ValueError(f"{where}.history[{j}]: needs input_path and target_path")
             history.append((str(resolve(turn["input_path"], data_dir)), str(resolve(turn["target_path"], data_dir))))
         out.append({"input": str(resolve(pair["input_path"], data_dir)), "target": str(resolve(pair["target_path"], data_dir)),
-                    "speaker_id": int(pair["speaker_id"]), "emotion_id": int(pair["emotion_id"]), "history": history})
+                    "speaker_id": int(pair["speaker_id"]), "emotion_id": int(pair["emotion_id"]), "history": history,
+                    "input_text": str(pair.get("input_text") or "")})
     return out
 
 
@@ -245,6 +263,8 @@ class Example:
     speaker_id: int
     emotion_id: int
     history: list  # [(role, codes (K, F)), ...] oldest first
+    # (L,) text_to_ids of the user turn; empty when the pair has no transcript
+    input_text: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 def make_examples(pairs, codes, cfg: S2SConfig, max_input_frames: int, max_reply_frames: int) -> tuple[list[Example], int]:
@@ -255,7 +275,8 @@ def make_examples(pairs, codes, cfg: S2SConfig, max_input_frames: int, max_reply
             skipped += 1
             continue
         turns = [t for u, a in pair["history"] for t in ((ROLE_USER, codes[u]), (ROLE_AGENT, codes[a]))]
-        examples.append(Example(x, y, pair["speaker_id"], pair["emotion_id"], turns[-cfg.max_context_turns :]))
+        text = torch.tensor(text_to_ids(pair.get("input_text", "")), dtype=torch.long)
+        examples.append(Example(x, y, pair["speaker_id"], pair["emotion_id"], turns[-cfg.max_context_turns :], text))
     return examples, skipped
 
 
@@ -294,6 +315,8 @@ class Batch:
     speaker_id: torch.Tensor  # (B,)
     emotion_id: torch.Tensor  # (B,)
     context: ContextTurns | None
+    input_text: torch.Tensor  # (B, L) padded with 0
+    input_text_lengths: torch.Tensor  # (B,) 0 = no transcript
 
 
 def pad_stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,9 +334,14 @@ def collate(examples: list[Example], indices: list[int], device) -> Batch:
     context = None
     if any(e.history for e in items):
         context = ContextTurns.from_turns([[(r, c.long()) for r, c in e.history] for e in items]).to(device)
+    text_len = torch.tensor([len(e.input_text) for e in items])
+    text = torch.zeros(len(items), max(1, int(text_len.max())), dtype=torch.long)
+    for i, e in enumerate(items):
+        text[i, : len(e.input_text)] = e.input_text
     return Batch(codes.to(device), in_len.to(device), target.to(device), out_len.to(device),
                  torch.tensor([e.speaker_id for e in items], device=device),
-                 torch.tensor([e.emotion_id for e in items], device=device), context)
+                 torch.tensor([e.emotion_id for e in items], device=device), context,
+                 text.to(device), text_len.to(device))
 
 
 # --------------------------------------------------------------------------------------
@@ -323,7 +351,18 @@ def collate(examples: list[Example], indices: list[int], device) -> Batch:
 def run_model(model, batch: Batch, autocast: bool):
     with torch.autocast(batch.codes.device.type, dtype=torch.bfloat16, enabled=autocast):
         return model(batch.codes, batch.target, batch.speaker_id, batch.emotion_id, context=batch.context,
-                     input_lengths=batch.input_lengths, target_lengths=batch.target_lengths)
+                     input_lengths=batch.input_lengths, target_lengths=batch.target_lengths,
+                     input_text=batch.input_text, input_text_lengths=batch.input_text_lengths)
+
+
+def edit_distance(a, b) -> int:
+    """Levenshtein distance between two sequences."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
 
 
 @torch.no_grad()
@@ -332,16 +371,28 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
     accuracy and perplexity, end-of-reply accuracy (frame- and step-weighted), and val_input_gain:
     how much the user's turn is worth to the model, the code cross-entropy (nats per code) with
     each reply paired with another pair's user turn (the batch rolled by one) minus that with its
-    own. Near 0, the model answers the same whatever was asked."""
+    own. Near 0, the model answers the same whatever was asked. With a text head: val_text_loss
+    (CTC, nats per character) and val_cer, the character error rate of its best-path transcripts
+    of the user turns (pairs with a transcript only)."""
     model.eval()
     batches = epoch_batches(examples, args.batch_size, 0, args.seed, ctx.rank, ctx.world_size)
     if args.max_val_batches:
         batches = batches[: args.max_val_batches]
+    raw = model.module if hasattr(model, "module") else model
     k = None
     totals = None
+    text_totals = torch.zeros(4, device=ctx.device)  # CTC loss sum, pairs with text, char errors, chars
     for idx in batches:
         batch = collate(examples, idx, ctx.device)
         out = run_model(model, batch, autocast)
+        if out.text_loss is not None:
+            has = batch.input_text_lengths > 0
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
+                heard = raw.transcribe(raw.encode(batch.codes, batch.input_lengths))
+            wanted = [batch.input_text[i, :n].tolist() for i, n in enumerate(batch.input_text_lengths.tolist())]
+            errors = sum(edit_distance(text_to_ids(h), w) for h, w, ok in zip(heard, wanted, has.tolist()) if ok)
+            text_totals += torch.tensor([float(out.text_loss) * int(has.sum()), int(has.sum()), errors,
+                                         int(batch.input_text_lengths.sum())], device=ctx.device)
         frames = out.metrics["frames"].float()
         k = out.codebook_losses.shape[0]
         swapped_ce, swapped_frames = frames.new_zeros(1), frames.new_zeros(1)
@@ -358,6 +409,7 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
         totals = row if totals is None else totals + row
     if ctx.enabled:
         dist.all_reduce(totals)
+        dist.all_reduce(text_totals)
     model.train()
     n = totals[-1]
     swapped_n = totals[2 * k + 3].clamp_min(1)
@@ -368,6 +420,9 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
     metrics = {"val_loss": float(ce.mean() + cfg.stop_loss_weight * stop_loss), "val_accuracy": float(acc.mean()),
                "val_input_gain": input_gain,
                "val_stop_accuracy": float(stop_acc), "val_stop_loss": float(stop_loss)}
+    if text_totals[1] > 0:
+        metrics["val_text_loss"] = float(text_totals[0] / text_totals[1])
+        metrics["val_cer"] = float(text_totals[2] / text_totals[3].clamp_min(1))
     for i in range(k):
         metrics[f"val_acc_cb{i}"] = float(acc[i])
         metrics[f"val_ppl_cb{i}"] = float(torch.exp(ce[i]))
@@ -394,6 +449,28 @@ def build_config(args, checkpoint: dict | None, init_config: dict | None = None)
     if args.config:
         cfg = config_from_dict(S2SConfig, read_json(args.config), base=cfg)
     return config_from_dict(S2SConfig, flags, base=cfg) if flags else cfg
+
+
+# Heads that only some configs have (encoder_ctc_weight > 0): --init_from may add or drop them.
+OPTIONAL_HEADS = ("text_head.",)
+
+
+def load_init_state(model: TeluguS2STransformer, state: dict, exclude: list[str]) -> list[str]:
+    """Copy --init_from weights into `model`, except parameters named by an `exclude` prefix; a
+    head the new config adds starts fresh, one it drops is ignored. Returns the names left fresh."""
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(exclude))} if exclude else state
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise ValueError(f"--init_from weights do not fit this model ({str(e).splitlines()[-1].strip()}); "
+                         "the stored config and --config must agree on every size") from e
+    fresh_ok = tuple(exclude) + OPTIONAL_HEADS
+    bad_missing = [k for k in missing if not k.startswith(fresh_ok)]
+    bad_unexpected = [k for k in unexpected if not k.startswith(OPTIONAL_HEADS)]
+    if bad_missing or bad_unexpected:
+        raise ValueError(f"--init_from weights do not fit this model: missing {bad_missing[:5]}, unexpected "
+                         f"{bad_unexpected[:5]}; the stored config and --config must agree on every size")
+    return list(missing)
 
 
 def make_optimizer(model, args) -> torch.optim.Optimizer:
@@ -494,8 +571,10 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
         log(f"resumed {resume_path} at step {step} (epoch {epoch}, batch {step_in_epoch})")
     else:
         if init_state is not None:
-            model.load_state_dict(init_state)
-            log(f"weights from {args.init_from}; fresh optimizer and schedule")
+            exclude = [x for x in args.init_exclude.split(",") if x]
+            fresh = load_init_state(model, init_state, exclude)
+            kept = f", {len(fresh)} tensors fresh ({', '.join(sorted({k.split('.')[0] for k in fresh}))})" if fresh else ""
+            log(f"weights from {args.init_from}{kept}; fresh optimizer and schedule")
         seed_everything(args.seed + ctx.rank)  # different dropout per rank
     init_from = checkpoint.get("init_from") if checkpoint is not None else args.init_from
     if checkpoint is not None and args.precision == "auto":
@@ -547,7 +626,8 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
                 wandb.log(row, step=step)
             log(f"step {step} epoch {epoch}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}, "
                 f"input gain {metrics['val_input_gain']:.4f} nats, "
-                f"ppl cb0 {metrics['val_ppl_cb0']:.1f}, end-of-reply accuracy {metrics['val_stop_accuracy']:.3f}"
+                + (f"text CTC {metrics['val_text_loss']:.3f}, CER {metrics['val_cer']:.3f}, " if "val_cer" in metrics else "")
+                + f"ppl cb0 {metrics['val_ppl_cb0']:.1f}, end-of-reply accuracy {metrics['val_stop_accuracy']:.3f}"
                 + (" (best)" if improved else ""))
             if improved:
                 save_checkpoint(ckpt_dir / "s2s_best.pt", {
@@ -581,8 +661,11 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
             step_in_epoch += 1
             bar.update(1)
             if step % args.log_every == 0 or step == 1:
-                row = all_reduce_mean({"loss": out.loss.item(), "stop_loss": out.stop_loss.item(),
-                                       "accuracy": out.metrics["accuracy"].mean().item(), "grad_norm": float(grad_norm)}, ctx)
+                row = {"loss": out.loss.item(), "stop_loss": out.stop_loss.item(),
+                       "accuracy": out.metrics["accuracy"].mean().item(), "grad_norm": float(grad_norm)}
+                if out.text_loss is not None:
+                    row["text_loss"] = out.text_loss.item()
+                row = all_reduce_mean(row, ctx)
                 now = time.time()
                 row = {"step": step, "epoch": epoch, "lr": lr, **{k: round(v, 5) for k, v in row.items()},
                        "seconds": round(now - last_time, 3)}

@@ -388,3 +388,64 @@ def test_bad_input_fails_with_clear_errors():
         gen(codes, context=too_old)
     with pytest.raises(ValueError, match="target_codes"):
         model(codes, codes[:, :, :0], ids, ids)
+
+
+def test_text_ids_keep_telugu_graphemes_and_word_breaks():
+    from s2s_transformer import TEXT_SPACE, TEXT_VOCAB_SIZE, ids_to_text, text_to_ids
+
+    ids = text_to_ids("హాయ్, మాట్లాడదామా? 12 ok!")
+    assert ids_to_text(ids) == "హాయ్ మాట్లాడదామా"  # punctuation -> one word break, digits and Latin dropped
+    assert all(0 < i < TEXT_VOCAB_SIZE for i in ids) and ids.count(TEXT_SPACE) == 1
+    assert text_to_ids("") == [] and text_to_ids("?!") == []
+
+
+def test_text_ctc_head_learns_to_transcribe_and_skips_pairs_without_text():
+    """The encoder's CTC head reads a turn's text off its codes: a tiny model, each of three
+    'words' a fixed code pattern, learns to spell them; pairs with no transcript add no loss."""
+    from s2s_transformer import ctc_greedy, text_to_ids
+
+    torch.manual_seed(1)  # seed 0 sticks at one misspelt word (a CTC local minimum)
+    cfg = S2SConfig.preset("tiny", encoder_ctc_weight=1.0)
+    model = TeluguS2STransformer(cfg)
+    words = ["అమ్మ", "నాన్న", "ఇల్లు"]
+    patterns = [torch.randint(0, 32, (cfg.n_codebooks, 48)) for _ in words]
+    order = [[0, 1], [2, 0], [1, 2], [2, 1]]
+    codes = torch.stack([torch.cat([patterns[i] for i in o], -1) for o in order])  # (4, K, 96)
+    texts = [text_to_ids(" ".join(words[i] for i in o)) for o in order]
+    text = torch.zeros(4, max(map(len, texts)), dtype=torch.long)
+    for i, t in enumerate(texts):
+        text[i, : len(t)] = torch.tensor(t)
+    lengths = torch.tensor([len(t) for t in texts])
+    target = torch.randint(0, 32, (4, cfg.n_codebooks, 8))
+    ids = torch.zeros(4, dtype=torch.long)
+    out = model(codes, target, ids, ids, input_text=text, input_text_lengths=lengths)
+    no_text = model(codes, target, ids, ids, input_text=text, input_text_lengths=torch.zeros(4, dtype=torch.long))
+    assert float(no_text.text_loss) == 0.0 and float(no_text.loss) < float(out.loss)
+    too_short = model(codes[..., :16], target, ids, ids, input_text=text, input_text_lengths=lengths)  # 4 steps
+    assert float(too_short.text_loss) == 0.0  # 10+ characters cannot fit 4 steps: skipped, not infinite
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model(codes, target, ids, ids, input_text=text, input_text_lengths=lengths).text_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    heard = model.transcribe(model.encode(codes))
+    assert heard == [" ".join(words[i] for i in o) for o in order], heard
+    assert ctc_greedy(torch.zeros(1, 3, 5), torch.ones(1, 3, dtype=torch.bool)) == [""]  # all blank
+    with pytest.raises(ValueError, match="no text head"):
+        TeluguS2STransformer(S2SConfig.preset("tiny")).transcribe(model.encode(codes))
+
+
+def test_decoder_input_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    model = TeluguS2STransformer(S2SConfig.preset("tiny", decoder_input_dropout=0.5))
+    codes, target = torch.randint(0, 32, (2, 8, 40)), torch.randint(0, 32, (2, 8, 24))
+    ids = torch.zeros(2, dtype=torch.long)
+    model.train()
+    a, b = (model(codes, target, ids, ids).loss for _ in range(2))
+    assert not torch.equal(a, b)  # a different half of the reply's past hidden each time
+    model.eval()
+    assert torch.equal(model(codes, target, ids, ids).loss, model(codes, target, ids, ids).loss)
+    with pytest.raises(ValueError, match="decoder_input_dropout"):
+        S2SConfig.preset("tiny", decoder_input_dropout=1.0)

@@ -44,7 +44,8 @@ def corpus(tmp_path_factory):
 
     def pair(i, history=()):
         return {"input_path": wavs[2 * (i % 6)], "target_path": wavs[2 * (i % 6) + 1], "speaker_id": i % 4,
-                "emotion_id": i % 9, "history": [{"input_path": wavs[2 * h], "target_path": wavs[2 * h + 1]} for h in history]}
+                "emotion_id": i % 9, "history": [{"input_path": wavs[2 * h], "target_path": wavs[2 * h + 1]} for h in history],
+                **({"input_text": ["అ", "నా!", "ఇ ల"][i % 3]} if i % 2 == 0 else {})}  # some (short) transcripts
 
     write_json(root / "metadata" / "train_pairs.json", [pair(i, [(i + 1) % 6] * (i % 3)) for i in range(8)])
     write_json(root / "metadata" / "validation_pairs.json", [pair(4), pair(5, [0])])
@@ -123,6 +124,39 @@ def test_init_from_continues_the_weights_with_a_fresh_schedule(corpus, tmp_path)
     assert lrs[-1] < 0.2e-12
     with pytest.raises(ValueError, match="--init_from.*hidden_dim"):
         train_s2s.main(args_for(corpus, tmp_path / "third", "--init_from", str(tmp_path / "fp16"), "--hidden_dim", "128"))
+
+
+def test_init_from_adds_the_text_head_and_leaves_excluded_parts_fresh(corpus, tmp_path):
+    """Continuing a model under the auxiliary losses: the new text head starts fresh, --init_exclude
+    leaves the named parts (here the encoder) at their fresh init, everything else is copied; the
+    run logs the CTC loss and validates the transcripts (pairs without one are skipped)."""
+    train_s2s.main(args_for(corpus, tmp_path / "first", "--num_epochs", "1"))
+    start = TeluguS2STransformer.from_pretrained(tmp_path / "first").state_dict()
+    assert not any(k.startswith("text_head.") for k in start)
+    write_json(tmp_path / "aux.json", {"dropout": 0.1, "encoder_ctc_weight": 1.0, "decoder_input_dropout": 0.2})
+    out = tmp_path / "aux"
+    train_s2s.main(args_for(corpus, out, "--num_epochs", "100", "--schedule_steps", "2", "--max_steps", "2",
+                            "--eval_every", "2", "--init_from", str(tmp_path / "first"), "--init_exclude", "encoder.",
+                            "--config", str(tmp_path / "aux.json"), "--learning_rate", "1e-12"))
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["config"]["encoder_ctc_weight"] == 1.0 and "text_head.weight" in last["model_state"]
+    for name, tensor in start.items():
+        same = torch.allclose(last["model_state"][name], tensor, atol=1e-6, rtol=0)
+        assert same != name.startswith("encoder."), name  # the encoder fresh, the rest as it was
+    train_rows = [r for r in rows(out) if "lr" in r]
+    assert all("text_loss" in r for r in train_rows) and any(r["text_loss"] > 0 for r in train_rows)
+    val = [r for r in rows(out) if "val_loss" in r][-1]
+    assert val["val_text_loss"] > 0 and val["val_cer"] >= 0.0  # one val pair has a transcript
+    for change in ({"depth_dim": 0}, {"depth_dim": 64}):  # other modules; other shapes
+        write_json(tmp_path / "other.json", change)
+        with pytest.raises(ValueError, match="do not fit this model"):
+            train_s2s.main(args_for(corpus, tmp_path / "bad", "--init_from", str(tmp_path / "first"),
+                                    "--config", str(tmp_path / "other.json")))
+
+
+def test_edit_distance():
+    assert train_s2s.edit_distance("kitten", "sitting") == 3
+    assert train_s2s.edit_distance([], [1, 2]) == 2 and train_s2s.edit_distance([1, 2], [1, 2]) == 0
 
 
 def test_a_run_validates_the_weights_it_ends_with(corpus, tmp_path):
