@@ -131,6 +131,11 @@ def test_model_card_is_written_from_training_json_and_lists_every_stage():
     for i, stage in enumerate(stages):
         assert make_demo_models.stage_line(i, stage) in card
     assert (DEMO / "MODEL_CARD.md").read_text() == card  # the card says what training.json records
+    # stages trained since val_input_gain / val_cer exist show them; older records read as before
+    later = {**stages[-1], "val_input_gain": 0.00005, "val_cer": 0.787}
+    assert "input gain 0.00005 nats, question text CER 79%" in make_demo_models.stage_line(3, later)
+    older = {k: v for k, v in stages[0].items() if k not in ("val_input_gain", "val_cer")}
+    assert "input gain" not in make_demo_models.stage_line(0, older)
 
 
 def test_continue_shipped_refuses_weights_the_card_does_not_describe(tmp_path):
