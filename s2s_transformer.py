@@ -223,8 +223,9 @@ def ids_to_text(ids: list[int]) -> str:
     return "".join(" " if i == TEXT_SPACE else chr(TELUGU_BLOCK.start + i - TEXT_FIRST) for i in ids if i != TEXT_BLANK)
 
 
-def ctc_greedy(logits: torch.Tensor, valid: torch.Tensor) -> list[str]:
-    """Best-path CTC decoding of the text head: logits (B, S, V), valid (B, S) -> B strings."""
+def ctc_best_path(logits: torch.Tensor, valid: torch.Tensor) -> list[list[int]]:
+    """Best-path CTC decoding of the text head: logits (B, S, V), valid (B, S) -> B lists of ids
+    (repeats merged, blanks and padding steps dropped)."""
     out = []
     for row, ok in zip(logits.argmax(-1).tolist(), valid.tolist()):
         ids, prev = [], TEXT_BLANK
@@ -232,7 +233,7 @@ def ctc_greedy(logits: torch.Tensor, valid: torch.Tensor) -> list[str]:
             if keep and i != prev and i != TEXT_BLANK:
                 ids.append(i)
             prev = i if keep else prev
-        out.append(ids_to_text(ids))
+        out.append(ids)
     return out
 
 
@@ -313,6 +314,7 @@ class S2SOutput:
     stop_loss: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
     text_loss: torch.Tensor | None = None  # CTC of the user turn's text (encoder_ctc_weight > 0)
+    text_logits: torch.Tensor | None = None  # (B, S_in, TEXT_VOCAB_SIZE) the text head over the user turn
 
 
 # --------------------------------------------------------------------------------------
@@ -792,7 +794,7 @@ class TeluguS2STransformer(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(d)
         self.stop_head = nn.Linear(d, 1)
-        # training aid: the user turn's text read off the encoder (CTC); also a transcript for the page
+        # training aid: the user turn's text read off the encoder (CTC); also a transcript (transcribe)
         self.text_head = nn.Linear(d, TEXT_VOCAB_SIZE) if cfg.encoder_ctc_weight > 0 else None
         n_out = cfg.n_codebooks * cfg.frames_per_step * cfg.codebook_size
         self.depth = DepthHead(cfg) if cfg.depth_dim else None
@@ -1001,20 +1003,23 @@ class TeluguS2STransformer(nn.Module):
         stop_loss = (F.binary_cross_entropy_with_logits(stop_logits.float(), stop_target, reduction="none")
                      * step_ok).sum() / step_ok.sum()
         loss = codebook_losses.mean() + cfg.stop_loss_weight * stop_loss
-        text_loss = None
+        text_loss = text_logits = None
         if self.text_head is not None and input_text is not None:
-            text_loss = self.text_ctc_loss(turn, input_text, input_text_lengths)
+            text_logits = self.text_head(turn.vectors).float()  # (B, S_in, TEXT_VOCAB_SIZE)
+            text_loss = self.text_ctc_loss(text_logits, turn.valid, input_text, input_text_lengths)
             loss = loss + cfg.encoder_ctc_weight * text_loss
         with torch.no_grad():
             correct = (logits.argmax(-1) == target_codes) & frame_ok[:, None]
             accuracy = correct.sum(dim=(0, 2)).float() / n_ok  # (K,)
             stop_correct = (((stop_logits > 0).float() == stop_target) & step_ok).sum() / step_ok.sum()
         metrics = {"accuracy": accuracy, "stop_accuracy": stop_correct, "frames": n_ok}
-        return S2SOutput(logits, stop_logits, loss, codebook_losses, stop_loss, metrics, text_loss)
+        return S2SOutput(logits, stop_logits, loss, codebook_losses, stop_loss, metrics, text_loss, text_logits)
 
-    def text_ctc_loss(self, turn: Memory, text: torch.Tensor, text_lengths: torch.Tensor | None) -> torch.Tensor:
-        """CTC of the user turn's text (B, L) on the text head over its memory (B, S, D), in nats
-        per character: the mean over the pairs that have a transcript that fits (0 when none has)."""
+    def text_ctc_loss(self, text_logits: torch.Tensor, valid: torch.Tensor, text: torch.Tensor,
+                      text_lengths: torch.Tensor | None) -> torch.Tensor:
+        """CTC of the user turn's text (B, L) on the text head's logits (B, S, V) over the turn's
+        valid steps (B, S), in nats per character: the mean over the pairs that have a transcript
+        that fits (0 when none has)."""
         if text_lengths is None:
             text_lengths = torch.full((text.shape[0],), text.shape[1], dtype=torch.long)
         text, text_lengths = text.to(self.device), text_lengths.to(self.device)
@@ -1022,11 +1027,11 @@ class TeluguS2STransformer(nn.Module):
         # for its text (or one with no text) adds nothing rather than an infinite or zeroed loss
         pos = torch.arange(text.shape[1] - 1, device=self.device)
         repeats = ((text[:, 1:] == text[:, :-1]) & (pos[None] < text_lengths[:, None] - 1)).sum(1)
-        has = (text_lengths > 0) & (turn.valid.sum(1) >= text_lengths + repeats)
+        has = (text_lengths > 0) & (valid.sum(1) >= text_lengths + repeats)
         if not bool(has.any()):
-            return turn.vectors.new_zeros(()).float()
-        log_probs = F.log_softmax(self.text_head(turn.vectors).float(), dim=-1)  # (B, S, V)
-        per_pair = F.ctc_loss(log_probs[has].transpose(0, 1), text[has], turn.valid[has].sum(1),
+            return text_logits.new_zeros(())
+        log_probs = F.log_softmax(text_logits[has], dim=-1)  # (B', S, V)
+        per_pair = F.ctc_loss(log_probs.transpose(0, 1), text[has], valid[has].sum(1),
                               text_lengths[has], blank=TEXT_BLANK, reduction="none", zero_infinity=True)
         return (per_pair / text_lengths[has]).mean()
 
@@ -1035,7 +1040,7 @@ class TeluguS2STransformer(nn.Module):
         """The text head's best-path reading of a user turn's memory (needs encoder_ctc_weight > 0)."""
         if self.text_head is None:
             raise ValueError("this model has no text head (trained with encoder_ctc_weight 0)")
-        return ctc_greedy(self.text_head(turn.vectors).float(), turn.valid)
+        return [ids_to_text(ids) for ids in ctc_best_path(self.text_head(turn.vectors).float(), turn.valid)]
 
     def _step_logits(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """h (N, D) decoder states, codes (N, K, fps) the step's codes (teacher forcing for the

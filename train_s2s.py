@@ -63,7 +63,8 @@ from s2s_transformer import (
     ContextTurns,
     S2SConfig,
     TeluguS2STransformer,
-    ctc_greedy,
+    ctc_best_path,
+    steps_for,
     text_to_ids,
 )
 from training import (
@@ -378,7 +379,7 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
     batches = epoch_batches(examples, args.batch_size, 0, args.seed, ctx.rank, ctx.world_size)
     if args.max_val_batches:
         batches = batches[: args.max_val_batches]
-    raw = model.module if hasattr(model, "module") else model
+    cfg = (model.module if hasattr(model, "module") else model).config
     k = None
     totals = None
     text_totals = torch.zeros(4, device=ctx.device)  # CTC loss sum, pairs with text, char errors, chars
@@ -387,17 +388,19 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
         out = run_model(model, batch, autocast)
         if out.text_loss is not None:
             has = batch.input_text_lengths > 0
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
-                heard = raw.transcribe(raw.encode(batch.codes, batch.input_lengths))
+            in_steps = steps_for(batch.input_lengths, cfg.frames_per_step)  # the turn's valid encoder steps
+            valid = torch.arange(out.text_logits.shape[1], device=ctx.device)[None] < in_steps[:, None]
+            heard = ctc_best_path(out.text_logits, valid)
             wanted = [batch.input_text[i, :n].tolist() for i, n in enumerate(batch.input_text_lengths.tolist())]
-            errors = sum(edit_distance(text_to_ids(h), w) for h, w, ok in zip(heard, wanted, has.tolist()) if ok)
+            errors = sum(edit_distance(h, w) for h, w, ok in zip(heard, wanted, has.tolist()) if ok)
             text_totals += torch.tensor([float(out.text_loss) * int(has.sum()), int(has.sum()), errors,
                                          int(batch.input_text_lengths.sum())], device=ctx.device)
         frames = out.metrics["frames"].float()
         k = out.codebook_losses.shape[0]
         swapped_ce, swapped_frames = frames.new_zeros(1), frames.new_zeros(1)
         if len(idx) > 1:
-            other = replace(batch, codes=batch.codes.roll(1, 0), input_lengths=batch.input_lengths.roll(1, 0))
+            other = replace(batch, codes=batch.codes.roll(1, 0), input_lengths=batch.input_lengths.roll(1, 0),
+                            input_text_lengths=torch.zeros_like(batch.input_text_lengths))  # codes only
             swapped_ce = run_model(model, other, autocast).codebook_losses.float().mean()[None] * frames
             swapped_frames = frames[None]
         # frame-weighted sums: per-codebook CE (k), accuracy (k), stop loss, stop accuracy, then for
@@ -416,7 +419,6 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
     input_gain = float((totals[2 * k + 2] - totals[2 * k + 4]) / swapped_n)
     ce, acc = totals[:k] / n, totals[k : 2 * k] / n
     stop_loss, stop_acc = totals[2 * k] / n, totals[2 * k + 1] / n
-    cfg = (model.module if hasattr(model, "module") else model).config
     metrics = {"val_loss": float(ce.mean() + cfg.stop_loss_weight * stop_loss), "val_accuracy": float(acc.mean()),
                "val_input_gain": input_gain,
                "val_stop_accuracy": float(stop_acc), "val_stop_loss": float(stop_loss)}

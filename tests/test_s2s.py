@@ -402,7 +402,7 @@ def test_text_ids_keep_telugu_graphemes_and_word_breaks():
 def test_text_ctc_head_learns_to_transcribe_and_skips_pairs_without_text():
     """The encoder's CTC head reads a turn's text off its codes: a tiny model, each of three
     'words' a fixed code pattern, learns to spell them; pairs with no transcript add no loss."""
-    from s2s_transformer import ctc_greedy, text_to_ids
+    from s2s_transformer import ctc_best_path, text_to_ids
 
     torch.manual_seed(1)  # seed 0 sticks at one misspelt word (a CTC local minimum)
     cfg = S2SConfig.preset("tiny", encoder_ctc_weight=1.0)
@@ -432,7 +432,7 @@ def test_text_ctc_head_learns_to_transcribe_and_skips_pairs_without_text():
     model.eval()
     heard = model.transcribe(model.encode(codes))
     assert heard == [" ".join(words[i] for i in o) for o in order], heard
-    assert ctc_greedy(torch.zeros(1, 3, 5), torch.ones(1, 3, dtype=torch.bool)) == [""]  # all blank
+    assert ctc_best_path(torch.zeros(1, 3, 5), torch.ones(1, 3, dtype=torch.bool)) == [[]]  # all blank
     with pytest.raises(ValueError, match="no text head"):
         TeluguS2STransformer(S2SConfig.preset("tiny")).transcribe(model.encode(codes))
 
