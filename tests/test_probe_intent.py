@@ -1,0 +1,111 @@
+"""probe_intent.py: the splits, the text ceiling, the augmentation and a classifier that learns."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import probe_intent
+from audio_io import save_audio
+from config import SAMPLE_RATE
+
+# two intents, two paraphrases each for training, a third (reworded) one in test
+TEXTS = {
+    "weather": ["what is the weather today", "will it rain today", "is the weather going to be hot"],
+    "time": ["what time is it now", "tell me the hour", "do you know the time"],
+}
+TONES = {"weather": 300.0, "time": 900.0}
+
+
+def row(split, intent, text, voice, path):
+    return {"path": path, "text": text, "voice": voice, "emotion": "neutral", "role": "user",
+            "intent_id": intent, "duration": 0.5, "split": split, "kind": "question"}
+
+
+def write_corpus(root, audio=False):
+    """A corpus of tone 'questions': each intent its own pitch, each voice its own level."""
+    (root / "manifests").mkdir(parents=True)
+    rows = {"train": [], "test": []}
+    for intent, texts in TEXTS.items():
+        for p, text in enumerate(texts):
+            split = "test" if p == 2 else "train"
+            voices = ["v_test"] if split == "test" else ["v1", "v2", "v3"]
+            for v, voice in enumerate(voices):
+                rel = f"wavs/{split}/user/q_{intent}_{p}_{voice}.wav"
+                if audio:
+                    t = np.arange(int(SAMPLE_RATE * (0.4 + 0.1 * p))) / SAMPLE_RATE
+                    wav = (0.1 + 0.05 * v) * np.sin(2 * np.pi * TONES[intent] * (1 + 0.02 * v) * t)
+                    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                    save_audio(root / rel, wav)
+                rows[split].append(row(split, intent, text, voice, rel))
+    # an agent answer and a follow-up without an intent: not questions to probe
+    rows["train"].append({**row("train", "weather", "it is sunny", "Arjun", "a.wav"), "role": "agent"})
+    rows["train"].append(row("train", None, "repeat that", "v1", "r.wav"))
+    rows["test"].append(row("test", "unknown_intent", "something new", "v_test", "u.wav"))
+    for split, rs in rows.items():
+        with open(root / "manifests" / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rs)
+    return rows
+
+
+def test_splits(tmp_path):
+    write_corpus(tmp_path)
+    train, test = probe_intent.probe_split(tmp_path, "test")
+    assert len(train) == 12 and {r["role"] for r in train} == {"user"}
+    assert [r["intent_id"] for r in test] == ["weather", "time"]  # the unknown intent is dropped
+    train, test = probe_intent.probe_split(tmp_path, "voices", ("v3",))
+    assert {r["voice"] for r in test} == {"v3"} and "v3" not in {r["voice"] for r in train}
+    with pytest.raises(ValueError, match="v9.*speak no training question"):
+        probe_intent.probe_split(tmp_path, "voices", ("v9",))
+
+
+def test_nearest_paraphrase_reads_shared_words():
+    train = [(t, k) for k, ts in TEXTS.items() for t in ts[:2]]
+    assert probe_intent.nearest_paraphrase_intents(train, ["is the weather fine", "what hour is it now"]) == [
+        "weather", "time"]
+
+
+def test_augment_mel_keeps_bands_and_is_seeded():
+    x = torch.randn(80, 200)
+    a = probe_intent.augment_mel(x.clone(), torch.Generator().manual_seed(3))
+    b = probe_intent.augment_mel(x.clone(), torch.Generator().manual_seed(3))
+    assert a.shape[0] == 80 and 170 <= a.shape[1] <= 236
+    assert torch.equal(a, b) and not torch.equal(a[:, :170], x[:, :170])
+
+
+@pytest.mark.parametrize("kind", ["float", "codes"])
+def test_probe_learns_a_separable_toy(kind):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+
+    def example(label):
+        frames = int(torch.randint(40, 80, (), generator=gen))
+        if kind == "codes":  # class k uses ids from its own half of the codebook
+            return torch.randint(0, 32, (2, frames), generator=gen) + 32 * label
+        x = torch.randn(3, frames, generator=gen)
+        x[label] += 2.0
+        return x
+
+    labels = [i % 2 for i in range(64)]
+    xs = [example(k) for k in labels]
+    model = probe_intent.IntentProbe(kind, 2 if kind == "codes" else 3, 2, stride=4, dim=32, layers=2,
+                                     codebook_size=64)
+    curve = probe_intent.train_probe(model, xs[:48], torch.tensor(labels[:48]), xs[48:], torch.tensor(labels[48:]),
+                                     steps=60, batch_size=16, eval_every=30, log=lambda *_: None)
+    assert [r["step"] for r in curve] == [30, 60]
+    assert curve[-1]["test_acc"] >= 0.9
+
+
+def test_main_text_and_mel(tmp_path):
+    write_corpus(tmp_path, audio=True)
+    out = tmp_path / "out"
+    report = probe_intent.main(["--data_dir", str(tmp_path), "--features", "text", "--out", str(out)])
+    assert report["accuracy"] == 1.0 and report["probe_sentences"] == 2 and report["intents"] == 2
+    report = probe_intent.main(["--data_dir", str(tmp_path), "--features", "mel", "--augment", "--steps", "20",
+                                "--eval_every", "10", "--out", str(out)])
+    saved = json.loads((out / "mel_augmented_test.json").read_text())
+    assert [r["step"] for r in saved["curve"]] == [10, 20] and saved["accuracy"] == report["accuracy"]
+    assert saved["flags"]["augment"] is True
+    with pytest.raises(SystemExit, match="log-mel only"):
+        probe_intent.main(["--data_dir", str(tmp_path), "--features", "codes", "--augment"])
