@@ -56,14 +56,18 @@ def test_splits(tmp_path):
     assert [r["intent_id"] for r in test] == ["weather", "time"]  # the unknown intent is dropped
     train, test = probe_intent.probe_split(tmp_path, "voices", ("v3",))
     assert {r["voice"] for r in test} == {"v3"} and "v3" not in {r["voice"] for r in train}
+    train, _ = probe_intent.probe_split(tmp_path, "voices", ("v3",), max_train_voices=1, seed=5)
+    assert len({r["voice"] for r in train}) == 1 and len(train) == 4
+    with pytest.raises(ValueError, match="only 2 training voices"):
+        probe_intent.probe_split(tmp_path, "voices", ("v3",), max_train_voices=3)
     with pytest.raises(ValueError, match="v9.*speak no training question"):
         probe_intent.probe_split(tmp_path, "voices", ("v9",))
 
 
-def test_nearest_paraphrase_reads_shared_words():
+@pytest.mark.parametrize("read", [probe_intent.nearest_paraphrase_intents, probe_intent.svm_intents])
+def test_text_readers_use_shared_words(read):
     train = [(t, k) for k, ts in TEXTS.items() for t in ts[:2]]
-    assert probe_intent.nearest_paraphrase_intents(train, ["is the weather fine", "what hour is it now"]) == [
-        "weather", "time"]
+    assert read(train, ["is the weather fine", "what hour is it now"]) == ["weather", "time"]
 
 
 def test_augment_mel_keeps_bands_and_is_seeded():
@@ -101,7 +105,8 @@ def test_main_text_and_mel(tmp_path):
     write_corpus(tmp_path, audio=True)
     out = tmp_path / "out"
     report = probe_intent.main(["--data_dir", str(tmp_path), "--features", "text", "--out", str(out)])
-    assert report["accuracy"] == 1.0 and report["probe_sentences"] == 2 and report["intents"] == 2
+    assert report["probe_sentences"] == 2 and report["intents"] == 2
+    assert report["accuracy_nearest_paraphrase"] == report["accuracy_svm"] == report["accuracy"] == 1.0
     report = probe_intent.main(["--data_dir", str(tmp_path), "--features", "mel", "--augment", "--steps", "20",
                                 "--eval_every", "10", "--out", str(out)])
     saved = json.loads((out / "mel_augmented_test.json").read_text())
