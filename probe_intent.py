@@ -101,7 +101,7 @@ def probe_split(data_dir: Path, split: str, held_out_voices=DEFAULT_HELD_OUT, ma
 
 
 # --------------------------------------------------------------------------------------
-# Text: nearest training paraphrase
+# Text readers: what the exact words give
 
 
 def char_ngrams(text: str, n: int = 3) -> collections.Counter:
@@ -190,12 +190,11 @@ def load_features(rows: list[dict], features: str, args, data_dir: Path, log=pri
     """One (C, frames) tensor per row: float for mel and latent, int64 token ids for codes."""
     if features == "mel":
         return [log_mel_cmvn(load_audio(r["path"])) for r in rows]
-    from train_s2s import build_token_cache
+    from train_s2s import build_token_cache, codec_identity
     from training import DistContext
 
     codec_path = Path(args.codec_path)
     cache_root = Path(args.token_cache) if args.token_cache else data_dir / "token_cache"
-    from train_s2s import codec_identity
 
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     codes = build_token_cache([r["path"] for r in rows], cache_root / codec_identity(codec_path), codec_path, ctx, log)
