@@ -21,8 +21,8 @@ classifying each question's intent:
   latent   the codec's continuous latent for the same tokens (the codebook vectors' sum)
 
 The audio features go through one small classifier (`IntentProbe`: a strided input layer to
-50 steps/s, four residual convolutions, attention pooling; 0.2M parameters plus the embeddings),
-trained from scratch with AdamW on the training questions.
+50 steps/s, four residual convolutions, attention pooling; 0.8M parameters on log-mel,
+2.5M with the codes' embedding table), trained from scratch with AdamW on the training questions.
 
 Splits (what is new at test time):
   test, val   that split's questions: paraphrases and user voices never trained on (what reply
