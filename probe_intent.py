@@ -357,15 +357,16 @@ def main(argv=None) -> dict:
     else:
         torch.manual_seed(args.seed)
         start = time.time()
-        train_x = load_features(train, args.features, args, data_dir)
-        test_x = load_features(test, args.features, args, data_dir)
+        features = load_features(train + test, args.features, args, data_dir)  # one latent scale for both
+        train_x, test_x = features[: len(train)], features[len(train) :]
         report["feature_seconds"] = round(time.time() - start, 1)
         index = {k: i for i, k in enumerate(intents)}
         train_y = torch.tensor([index[r["intent_id"]] for r in train])
         test_y = torch.tensor([index[r["intent_id"]] for r in test])
         stride = 2 if args.features == "mel" else 4  # to 50 steps/s from 100 / 200 frames/s
-        model = IntentProbe("codes" if args.features == "codes" else "float", train_x[0].shape[0], len(intents),
-                            stride, dropout=args.dropout)
+        ids = args.features == "codes"
+        model = IntentProbe("codes" if ids else "float", train_x[0].shape[0], len(intents), stride, dropout=args.dropout,
+                            codebook_size=1 + max(int(x.max()) for x in features) if ids else 0)
         report["parameters"] = sum(p.numel() for p in model.parameters())
         report["curve"] = train_probe(model, train_x, train_y, test_x, test_y, args.steps, args.batch_size,
                                       args.learning_rate, args.eval_every, args.seed,

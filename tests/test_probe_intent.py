@@ -8,7 +8,9 @@ import torch
 
 import probe_intent
 from audio_io import save_audio
-from config import SAMPLE_RATE
+from config import SAMPLE_RATE, config_to_dict
+from telugu_codec import CodecConfig, TeluCodec
+from training import save_checkpoint
 
 # two intents, two paraphrases each for training, a third (reworded) one in test
 TEXTS = {
@@ -114,3 +116,20 @@ def test_main_text_and_mel(tmp_path):
     assert saved["flags"]["augment"] is True
     with pytest.raises(SystemExit, match="log-mel only"):
         probe_intent.main(["--data_dir", str(tmp_path), "--features", "codes", "--augment"])
+
+
+@pytest.mark.parametrize("features", ["codes", "latent"])
+def test_main_codec_features(tmp_path, features):
+    """Codes come from the token cache (built on first use, shared with train_s2s.py); the latent is
+    the codec's codebook vectors for them."""
+    write_corpus(tmp_path, audio=True)
+    torch.manual_seed(0)
+    codec = TeluCodec(CodecConfig.preset("tiny"))
+    codec_path = tmp_path / "codec.pt"
+    save_checkpoint(codec_path, {"model_state": codec.state_dict(), "config": config_to_dict(codec.config)})
+    args = ["--data_dir", str(tmp_path), "--features", features, "--codec_path", str(codec_path), "--steps", "4",
+            "--eval_every", "2", "--out", str(tmp_path / "out")]
+    report = probe_intent.main(args)
+    assert report["train_questions"] == 12 and [r["step"] for r in report["curve"]] == [2, 4]
+    assert len(list((tmp_path / "token_cache").rglob("shard-*.pt"))) >= 1
+    assert (tmp_path / "out" / f"{features}_test.json").is_file()
