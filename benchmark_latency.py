@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from audio_io import atomic_write, load_audio, read_manifest, write_json
-from config import DEMO_MODEL_DIR, REPO_DIR, SAMPLE_RATE, add_workspace_arg, workspace_from_args
+from config import DEMO_MODEL_DIR, REPO_DIR, SAMPLE_RATE, add_workspace_arg, default_model_threads, workspace_from_args
 
 SERVER_SCRIPT = REPO_DIR / "streaming_server_advanced.py"
 FRAME_SAMPLES = 320  # 20 ms capture frames, as the page's capture worklet sends them
@@ -706,7 +706,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra = tuple(args.server_args.split())
     if untrained:  # random replies end at random: keep them going for the whole listen window
         extra += ("--min_reply_ms", str(round(1000 * args.listen_s)), "--max_reply_s", str(args.listen_s + 1))
-    machine = machine_info(args.device, args.threads or min(4, os.cpu_count() or 1))  # the server's default
+    machine = machine_info(args.device, args.threads or default_model_threads())  # the server's default
     started = time.perf_counter()
     with running_server(out_dir / "server.log", args.model_dir, args.device,
                         args.untrained_preset if untrained else None, args.threads, extra) as server:

@@ -90,6 +90,16 @@ def emotion_id(name: str) -> int:
     return EMOTIONS.index(key)
 
 
+def default_model_threads(cores: int | None = None) -> int:
+    """torch threads for the models when --threads is 0: all cores but one, at most 4. The event
+    loop and the VAD thread need a core of their own: measured on a 2-core Xeon (20 turns per mode,
+    benchmark_latency.py), 2 model threads left 39% of reply chunks later than the page's 60 ms
+    jitter buffer and end to end at 399 / 311 ms (turn / stream p50); 1 thread, none late and
+    350 / 298 ms."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(4, cores - 1))
+
+
 # --------------------------------------------------------------------------------------
 # Workspace
 

@@ -63,7 +63,8 @@ from fastapi.staticfiles import StaticFiles
 from silero_vad import load_silero_vad  # isort: skip
 import torch
 
-from config import DEMO_MODEL_DIR, EMOTIONS, REPO_DIR, SAMPLE_RATE, VOICES, emotion_id, voice_by_name
+from config import (DEMO_MODEL_DIR, EMOTIONS, REPO_DIR, SAMPLE_RATE, VOICES, default_model_threads, emotion_id,
+                    voice_by_name)
 
 log = logging.getLogger("telugu_s2s.server")
 
@@ -72,6 +73,7 @@ SAMPLES_DIR = STATIC_DIR / "samples"
 VAD_CHUNK_SAMPLES = 512  # silero-vad takes exactly 512 samples at 16 kHz (32 ms)
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 REPLY_HEADER = struct.Struct("<II")  # response_id, sample offset of the chunk within the response
+
 
 
 # --------------------------------------------------------------------------------------
@@ -1429,7 +1431,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for the models (0: min(4, cores))")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for the models (0: cores - 1, 1 to 4)")
     parser.add_argument("--allow-untrained", "--allow_untrained", dest="allow_untrained", action="store_true",
                         help="TESTS ONLY: without weights, serve random models (their replies are noise)")
     parser.add_argument("--untrained_preset", default="tiny", choices=("tiny", "demo"),
@@ -1460,7 +1462,7 @@ def main(argv: list[str] | None = None) -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {device}: CUDA is not available here; use --device cpu")
-    torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or default_model_threads())
 
     engine = AgentEngine.load(Path(args.model_dir), device, args.allow_untrained, args.untrained_preset)
     log.info("models: %s", json.dumps(engine.describe()))

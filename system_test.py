@@ -62,7 +62,7 @@ from evaluate_agent import unit, voice_encoder
 import streaming_server_advanced  # silero-vad, which it imports, sets torch's thread count: before we choose ours
 from audio_io import load_audio, read_manifest, write_json
 from config import (DEMO_MODEL_DIR, EMOTIONS, SAMPLE_RATE, VOICES, add_workspace_arg, config_to_dict,
-                    workspace_from_args)
+                    default_model_threads, workspace_from_args)
 from benchmark_s2s import run_once, sync
 from context_manager import ContextManager
 from s2s_transformer import CHECKPOINT_NAMES, S2SConfig, TeluguS2STransformer
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", default=None, help="corpus root (manifests/test.jsonl): the test question and the "
                    "voices' reference recordings for the speaker check")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models run, here and in the server")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads here and in the server (0: min(4, cores))")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads here and in the server (0: the server's default, cores - 1, 1 to 4)")
     p.add_argument("--report", default=None, help="JSON report path (default <workspace>/system_test/report.json)")
     p.add_argument("--checks", nargs="+", default=list(CHECKS), choices=CHECKS, help="checks to run (default all)")
     p.add_argument("--allow-untrained", "--allow_untrained", dest="allow_untrained", action="store_true",
@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     args.model_dir = Path(args.model_dir)
     report_path = Path(args.report) if args.report else workspace_from_args(args).root / "system_test" / "report.json"
     bl.stop_servers_on_sigterm()
-    torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or default_model_threads())
     device = torch.device(args.device)
     started = time.perf_counter()
 

@@ -52,6 +52,10 @@ class _Cfg:
         self.derived = self.dim * 2
 
 
+def test_model_threads_leave_a_core_for_the_event_loop():
+    assert [config.default_model_threads(n) for n in (1, 2, 3, 4, 5, 16)] == [1, 1, 2, 3, 4, 4]
+
+
 def test_config_overrides_are_strict():
     cfg = config.config_from_dict(_Cfg, {"dim": 16, "rate": 1, "strides": [5, 2]})
     assert cfg == _Cfg(dim=16, rate=1.0, strides=(5, 2)) and cfg.derived == 32
