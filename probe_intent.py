@@ -335,7 +335,8 @@ def main(argv=None) -> dict:
     train, test = probe_split(data_dir, args.split, held_out, args.max_train_voices, args.seed)
     intents = sorted({r["intent_id"] for r in train})
     report = {"features": args.features, "split": args.split, "data_dir": str(data_dir),
-              "train_voices": sorted({r["voice"] for r in train}), "train_questions": len(train), "probe_questions": len(test), "intents": len(intents),
+              "train_voices": sorted({r["voice"] for r in train}), "train_questions": len(train),
+              "probe_questions": len(test), "intents": len(intents),
               "chance": 1 / len(intents), "train_sentences": len({r["text"] for r in train}),
               "probe_sentences": len({r["text"] for r in test}),
               "held_out_voices": list(held_out) if args.split == "voices" else None}
@@ -375,7 +376,8 @@ def main(argv=None) -> dict:
         report["method"] = (f"IntentProbe on {args.features}, {args.steps} steps of {args.batch_size}"
                             + (", augmented" if args.augment else ""))
     print(f"{args.features} / {args.split}: intent accuracy {report['accuracy']:.1%} (chance {report['chance']:.1%})")
-    name = args.features + ("_augmented" if args.augment else "") + (f"_{args.max_train_voices}voices" if args.max_train_voices else "")
+    name = (args.features + ("_augmented" if args.augment else "")
+            + (f"_{args.max_train_voices}voices" if args.max_train_voices else ""))
     out = Path(args.out) / f"{name}_{args.split}.json"
     write_json(out, {**report, "flags": vars(args)})
     print(f"wrote {out}")

@@ -46,7 +46,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import struct
 import threading
@@ -73,7 +72,6 @@ SAMPLES_DIR = STATIC_DIR / "samples"
 VAD_CHUNK_SAMPLES = 512  # silero-vad takes exactly 512 samples at 16 kHz (32 ms)
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 REPLY_HEADER = struct.Struct("<II")  # response_id, sample offset of the chunk within the response
-
 
 
 # --------------------------------------------------------------------------------------

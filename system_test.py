@@ -531,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", default=None, help="corpus root (manifests/test.jsonl): the test question and the "
                    "voices' reference recordings for the speaker check")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models run, here and in the server")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads here and in the server (0: the server's default, cores - 1, 1 to 4)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads here and in the server (0: the server's default, cores - 1, 1 to 4)")
     p.add_argument("--report", default=None, help="JSON report path (default <workspace>/system_test/report.json)")
     p.add_argument("--checks", nargs="+", default=list(CHECKS), choices=CHECKS, help="checks to run (default all)")
     p.add_argument("--allow-untrained", "--allow_untrained", dest="allow_untrained", action="store_true",
