@@ -315,6 +315,7 @@ class S2SOutput:
     metrics: dict = field(default_factory=dict)
     text_loss: torch.Tensor | None = None  # CTC of the user turn's text (encoder_ctc_weight > 0)
     text_logits: torch.Tensor | None = None  # (B, S_in, TEXT_VOCAB_SIZE) the text head over the user turn
+    text_valid: torch.Tensor | None = None  # (B, S_in) the user turn's valid steps under text_logits
 
 
 # --------------------------------------------------------------------------------------
@@ -1003,9 +1004,10 @@ class TeluguS2STransformer(nn.Module):
         stop_loss = (F.binary_cross_entropy_with_logits(stop_logits.float(), stop_target, reduction="none")
                      * step_ok).sum() / step_ok.sum()
         loss = codebook_losses.mean() + cfg.stop_loss_weight * stop_loss
-        text_loss = text_logits = None
+        text_loss = text_logits = text_valid = None
         if self.text_head is not None and input_text is not None:
             text_logits = self.text_head(turn.vectors).float()  # (B, S_in, TEXT_VOCAB_SIZE)
+            text_valid = turn.valid
             text_loss = self.text_ctc_loss(text_logits, turn.valid, input_text, input_text_lengths)
             loss = loss + cfg.encoder_ctc_weight * text_loss
         with torch.no_grad():
@@ -1013,7 +1015,8 @@ class TeluguS2STransformer(nn.Module):
             accuracy = correct.sum(dim=(0, 2)).float() / n_ok  # (K,)
             stop_correct = (((stop_logits > 0).float() == stop_target) & step_ok).sum() / step_ok.sum()
         metrics = {"accuracy": accuracy, "stop_accuracy": stop_correct, "frames": n_ok}
-        return S2SOutput(logits, stop_logits, loss, codebook_losses, stop_loss, metrics, text_loss, text_logits)
+        return S2SOutput(logits, stop_logits, loss, codebook_losses, stop_loss, metrics, text_loss, text_logits,
+                         text_valid)
 
     def text_ctc_loss(self, text_logits: torch.Tensor, valid: torch.Tensor, text: torch.Tensor,
                       text_lengths: torch.Tensor | None) -> torch.Tensor:

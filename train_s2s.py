@@ -64,7 +64,6 @@ from s2s_transformer import (
     S2SConfig,
     TeluguS2STransformer,
     ctc_best_path,
-    steps_for,
     text_to_ids,
 )
 from training import (
@@ -316,7 +315,7 @@ class Batch:
     speaker_id: torch.Tensor  # (B,)
     emotion_id: torch.Tensor  # (B,)
     context: ContextTurns | None
-    input_text: torch.Tensor  # (B, L) padded with 0
+    input_text: torch.Tensor | None  # (B, L) padded with 0; None: no CTC loss
     input_text_lengths: torch.Tensor  # (B,) 0 = no transcript
 
 
@@ -388,9 +387,7 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
         out = run_model(model, batch, autocast)
         if out.text_loss is not None:
             has = batch.input_text_lengths > 0
-            in_steps = steps_for(batch.input_lengths, cfg.frames_per_step)  # the turn's valid encoder steps
-            valid = torch.arange(out.text_logits.shape[1], device=ctx.device)[None] < in_steps[:, None]
-            heard = ctc_best_path(out.text_logits, valid)
+            heard = ctc_best_path(out.text_logits, out.text_valid)
             wanted = [batch.input_text[i, :n].tolist() for i, n in enumerate(batch.input_text_lengths.tolist())]
             errors = sum(edit_distance(h, w) for h, w, ok in zip(heard, wanted, has.tolist()) if ok)
             text_totals += torch.tensor([float(out.text_loss) * int(has.sum()), int(has.sum()), errors,
@@ -400,7 +397,7 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
         swapped_ce, swapped_frames = frames.new_zeros(1), frames.new_zeros(1)
         if len(idx) > 1:
             other = replace(batch, codes=batch.codes.roll(1, 0), input_lengths=batch.input_lengths.roll(1, 0),
-                            input_text_lengths=torch.zeros_like(batch.input_text_lengths))  # codes only
+                            input_text=None)  # the reply's codes only: no CTC
             swapped_ce = run_model(model, other, autocast).codebook_losses.float().mean()[None] * frames
             swapped_frames = frames[None]
         # frame-weighted sums: per-codebook CE (k), accuracy (k), stop loss, stop accuracy, then for
