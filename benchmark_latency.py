@@ -17,8 +17,11 @@ Stages (p50 / p90 / p99 per mode):
     S2S first chunk      memory assembly, the first decoder step and the codebook head (turn mode: + the encoder)
     codec decode         the first chunk's codes to audio
     server latency       what the server measures: last voiced audio in -> first reply audio out
-    transport            client-measured minus server-measured: the WebSocket both ways on loopback,
-                         plus the server's VAD pass and its idea of where speech ended
+    transport            client-measured minus server-measured, in two parts: how much later the
+                         server's live VAD put the end of speech than the client's offline replay of
+                         it (speech_stopped.voiced_end_ms; silero-vad's recurrent state carries over
+                         from the session's earlier audio, so a borderline last chunk can differ),
+                         and the rest: the WebSocket both ways on loopback and the server's VAD pass
     end-to-end           client: last voiced sample sent -> first reply audio received
 Also: reply chunks that arrived later than a 60 ms jitter buffer (the page's) would play them.
 
@@ -267,6 +270,7 @@ class TurnResult:
     e2e_ms: float  # client: last voiced sample sent -> first reply audio received
     server_latency_ms: float  # server: last voiced audio in -> first reply audio out
     transport_ms: float  # e2e_ms - server_latency_ms
+    vad_shift_ms: float  # the server's end of speech (speech_stopped.voiced_end_ms) minus the client's voiced_end
     breakdown: dict
     reply_ms_received: float  # reply audio received before the reply ended or was cancelled
     late_chunks: int  # reply chunks that arrived after a 60 ms jitter buffer would have played them
@@ -442,7 +446,7 @@ class AgentClient(SessionClient):
         # A pause inside the utterance can end a turn early; that reply is not the one timed.
         end_ms = 1000 * voiced_end / SAMPLE_RATE - 150
 
-        def reply_id():
+        def reply():
             new = self.events[events_before:]
             errors = self.find("error")[errors_before:]
             if errors:
@@ -450,9 +454,10 @@ class AgentClient(SessionClient):
             stop = next((i for i, e in enumerate(new) if e["type"] == "speech_stopped" and e["audio_ms"] >= end_ms), None)
             if stop is None:
                 return None
-            return next((e["response_id"] for e in new[stop:] if e["type"] == "response_started"), None)
+            rid = next((e["response_id"] for e in new[stop:] if e["type"] == "response_started"), None)
+            return None if rid is None else (rid, new[stop])
 
-        rid = await self.until(reply_id, timeout, "the reply to the utterance")
+        rid, stopped = await self.until(reply, timeout, "the reply to the utterance")
         _, _, _, first_at = await self.until(lambda: next((f for f in self.frames if f[0] == rid), None), timeout,
                                              f"audio of reply {rid}")
         latency = await self.wait("latency", timeout, response_id=rid)
@@ -476,6 +481,7 @@ class AgentClient(SessionClient):
         return TurnResult(
             mode=mode, utterance=utterance.name, response_id=rid, e2e_ms=e2e,
             server_latency_ms=float(latency["latency_ms"]), transport_ms=e2e - float(latency["latency_ms"]),
+            vad_shift_ms=float(stopped["voiced_end_ms"]) - 1000 * voiced_end / SAMPLE_RATE,
             breakdown=dict(latency["breakdown"]), reply_ms_received=1000 * sum(f[2] for f in frames) / SAMPLE_RATE,
             late_chunks=late, chunks=len(frames), early_replies=early,
         )
@@ -535,6 +541,8 @@ STAGES = (
     ("server_processing_ms", "server processing (decision -> first audio out)", lambda r: r.breakdown.get("processing_ms")),
     ("server_latency_ms", "server latency (last voiced audio in -> first audio out)", lambda r: r.server_latency_ms),
     ("transport_ms", "transport (client minus server)", lambda r: r.transport_ms),
+    ("vad_shift_ms", "of which: server's end of speech later than the client's", lambda r: r.vad_shift_ms),
+    ("wire_ms", "of which: the rest (loopback WebSocket, the VAD pass)", lambda r: r.transport_ms - r.vad_shift_ms),
     ("e2e_ms", "end-to-end, client (last voiced sample sent -> first audio received)", lambda r: r.e2e_ms),
 )
 
@@ -575,8 +583,11 @@ def mission_breakdown(summary: dict, mode: str) -> list[dict]:
         {"stage": "codec decode", "mission_ms": 8, "ms": p50("codec_decode_ms"), "source": "measured (server)"},
         {"stage": "audio playback", "mission_ms": 50, "ms": float(PLAYER_PREBUFFER_MS), "source":
          "assumed: the page's 60 ms jitter buffer; the sound card's output buffer is not measured"},
-        {"stage": "network", "mission_ms": 50, "ms": p50("transport_ms"), "source":
-         "measured on loopback (client minus server; includes the VAD pass); a real network adds its round trip"},
+        {"stage": "network", "mission_ms": 50, "ms": p50("wire_ms"), "source":
+         "measured on loopback (client minus server, less the VAD shift below; includes the VAD pass); "
+         "a real network adds its round trip"},
+        {"stage": "server's end of speech later than the client's", "mission_ms": None, "ms": p50("vad_shift_ms"),
+         "source": "measured: the live VAD's last voiced chunk against the client's offline replay of it"},
     ]
     other = p50("server_latency_ms")
     accounted = p50("end_of_turn_wait_ms", "codec_encode_ms", "s2s_encode_ms", "s2s_first_chunk_ms", "context_ms",

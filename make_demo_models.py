@@ -2,6 +2,7 @@
 
     python make_demo_models.py                      # corpus -> codec -> S2S -> evaluation -> model card
     python make_demo_models.py --s2s_steps 20000    # train further: every stage resumes where it stopped
+    python make_demo_models.py --evaluate_only      # measure the shipped weights again, rewrite the card
 
 Stages, each skipped or resumed when its work is already done (so a killed run, or a later session
 with more time or a GPU, continues instead of starting over):
@@ -191,6 +192,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_pairs", type=int, default=96, help="first-turn test pairs to evaluate (default 96)")
     p.add_argument("--eval_context", type=int, default=24, help="'repeat that' / 'what did I ask' pairs each (default 24)")
     p.add_argument("--skip_eval", action="store_true", help="export without evaluating (no model card figures)")
+    p.add_argument("--evaluate_only", action="store_true",
+                   help="train nothing: evaluate the shipped weights again (after a change to evaluate_agent.py) "
+                        "and rewrite training.json's figures and MODEL_CARD.md")
     return p.parse_args(argv)
 
 
@@ -213,6 +217,14 @@ def corpus_complete(corpus: Path) -> bool:
             and read_json(stats).get("intents") == len(load_dialogs().intents))
 
 
+def evaluate(out: Path, corpus: Path, runs: Path, args) -> dict:
+    """evaluate_agent.py on the test split with the card's settings; its report without the replies."""
+    eval_dir = runs / "evaluation_demo"
+    run([PY, "evaluate_agent.py", "--model_dir", evaluate_agent.shown(str(out)), "--data_dir", str(corpus),
+         "--out", str(eval_dir), "--num_pairs", str(args.eval_pairs), "--num_context", str(args.eval_context)])
+    return {k: v for k, v in read_json(eval_dir / "evaluation.json").items() if k != "replies"}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     ws = workspace_from_args(args)
@@ -231,6 +243,19 @@ def main(argv=None) -> None:
         codec_export = out / "codec"
         init_sha = hashlib.sha256("".join(previous["s2s"]["sha256"].values()).encode()).hexdigest()
         s2s_run = runs / f"s2s_demo_from_{init_sha[:12]}"
+    if args.evaluate_only:
+        if not previous or previous.get("s2s", {}).get("sha256") != folder_sha256(out / "s2s") or \
+                previous.get("codec", {}).get("sha256") != folder_sha256(out / "codec"):
+            raise SystemExit(f"--evaluate_only: {out} holds weights that {card_path} does not describe; restore them "
+                             f"(git checkout {out}) or run the full recipe, which evaluates what it ships")
+        if not corpus_complete(corpus):
+            raise SystemExit(f"--evaluate_only needs the whole corpus in {corpus}: "
+                             "python make_telugu_speech.py --workers 2 builds it")
+        info = {**previous, "evaluation": evaluate(out, corpus, runs, args)}
+        write_json(card_path, info)
+        (out / "MODEL_CARD.md").write_text(model_card(info))
+        log(f"evaluated in {time.time() - t0:.0f} s; {card_path} and {out}/MODEL_CARD.md rewritten")
+        return
 
     # 1. corpus
     if not corpus_complete(corpus):
@@ -320,11 +345,7 @@ def main(argv=None) -> None:
         log("evaluation: these weights were evaluated already (training.json); kept")
         info["evaluation"] = previous["evaluation"]
     elif not args.skip_eval:
-        eval_dir = runs / "evaluation_demo"
-        run([PY, "evaluate_agent.py", "--model_dir", evaluate_agent.shown(str(out)), "--data_dir", str(corpus),
-             "--out", str(eval_dir),
-             "--num_pairs", str(args.eval_pairs), "--num_context", str(args.eval_context)])
-        info["evaluation"] = {k: v for k, v in read_json(eval_dir / "evaluation.json").items() if k != "replies"}
+        info["evaluation"] = evaluate(out, corpus, runs, args)
     write_json(card_path, info)
     (out / "MODEL_CARD.md").write_text(model_card(info))
     log(f"all stages done in {time.time() - t0:.0f} s; {out}/MODEL_CARD.md written")

@@ -1134,8 +1134,9 @@ class Session:
         else:
             turn, end_frame = self.audio.get(self.turn_start, end), 0
         duration_ms = round(1000 * (end - self.turn_start) / SAMPLE_RATE)
+        voiced_end_ms = round(1000 * self._chunk_start(self.detector.last_voiced + 1) / SAMPLE_RATE)
         await self.send_event("speech_stopped", audio_ms=round(1000 * end / SAMPLE_RATE), duration_ms=duration_ms,
-                              forced=forced)
+                              forced=forced, voiced_end_ms=voiced_end_ms)
         self._store_last_response()
         response = Response(self.next_response_id, dataclasses.replace(self.settings), self.turn_mode,
                             self.last_voiced_at, decided)

@@ -138,7 +138,8 @@ def test_model_card_is_written_from_training_json_and_lists_every_stage():
     assert "input gain" not in make_demo_models.stage_line(0, older)
 
 
-def test_continue_shipped_refuses_weights_the_card_does_not_describe(tmp_path):
+@pytest.mark.parametrize("flag", ["--continue_shipped", "--evaluate_only"])
+def test_refuses_shipped_weights_the_card_does_not_describe(tmp_path, flag):
     import shutil
 
     out = tmp_path / "demo"
@@ -147,5 +148,5 @@ def test_continue_shipped_refuses_weights_the_card_does_not_describe(tmp_path):
     info["s2s"]["sha256"] = {name: "0" * 64 for name in info["s2s"]["sha256"]}  # other weights than these
     (out / "training.json").write_text(json.dumps(info))
     with pytest.raises(SystemExit, match="does not describe"):
-        make_demo_models.main(["--continue_shipped", "--out", str(out), "--runs", str(tmp_path / "runs")])
+        make_demo_models.main([flag, "--out", str(out), "--runs", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists()  # refused before any work

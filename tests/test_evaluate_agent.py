@@ -71,10 +71,43 @@ def test_emotion_table_removes_the_shift_every_reply_shares():
 
 
 def test_voice_confusion_counts():
-    c = {"A": np.array([1.0, 0.0]), "B": np.array([0.0, 1.0])}
+    predict = lambda e: "A" if e[0] > e[1] else "B"  # noqa: E731
     correct, confusion = ev.voice_confusion([("A", np.array([0.9, 0.1])), ("A", np.array([0.2, 0.8])),
-                                               ("B", np.array([0.0, 1.0]))], c)
+                                               ("B", np.array([0.0, 1.0]))], predict)
     assert correct == 2 and confusion == {"A": {"A": 1, "B": 1}, "B": {"B": 1}}
+
+
+class VectorEncoder:
+    """A stand-in speaker encoder: the 'audio' is the embedding."""
+
+    def embed_utterance(self, wav):
+        return np.asarray(wav, dtype=np.float64)
+
+
+def test_voice_classifier_answers_with_the_nearest_cells_voice():
+    """Centroids per (voice, emotion) cell of the round-tripped references, at most per_cell each;
+    an utterance gets its nearest cell's voice, where one centroid per voice would have missed."""
+    audio = {"a_n1": [1.0, 0.0, 0.0], "a_n2": [1.0, 0.1, 0.0], "a_s": [0.0, 1.0, 0.0],
+             "b_n": [0.0, 0.0, 1.0], "b_s": [0.7, 0.7, 0.1], "b_x": [-1.0, 0.0, 0.0]}
+    rows = [{"path": "a_n1", "voice": "A", "emotion": "neutral"}, {"path": "a_n2", "voice": "A", "emotion": "neutral"},
+            {"path": "a_s", "voice": "A", "emotion": "sad"}, {"path": "b_n", "voice": "B", "emotion": "neutral"},
+            {"path": "b_s", "voice": "B", "emotion": "sad"}]
+    heard = []
+
+    def round_trip(path):
+        heard.append(path)
+        return audio[path]
+
+    clf = ev.VoiceClassifier.fit(VectorEncoder(), rows, round_trip, per_cell=1)
+    assert sorted(clf.cells) == [("A", "neutral"), ("A", "sad"), ("B", "neutral"), ("B", "sad")]
+    assert len(heard) == 4 and len([p for p in heard if p.startswith("a_n")]) == 1  # one per cell
+    query = np.array([0.6, 0.75, 0.1])
+    assert clf.predict(query) == "B"  # the sad-B cell; the voices' own centroids would say A
+    voice_a, voice_b = ev.unit(np.add(audio["a_n1"], audio["a_s"])), ev.unit(np.add(audio["b_n"], audio["b_s"]))
+    assert query @ voice_a > query @ voice_b
+    assert clf.predict(np.array([0.0, 0.1, 2.0])) == "B" and clf.predict(np.array([0.9, 0.0, 0.0])) == "A"
+    with pytest.raises(ValueError, match="no reference recordings"):
+        ev.VoiceClassifier({})
 
 
 def test_spread_is_even_and_deterministic():
@@ -91,14 +124,16 @@ def fake_corpus(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("corpus")
     answers = {"a1": (150, 400), "a2": (400, 150), "a3": (250, 260)}
-    rows, pairs = [], []
-    for voice, shift in (("Arjun", 1.0), ("Priya", 1.6)):
-        for emotion, rate in (("neutral", 1.0), ("sad", 1.2)):
-            for text, (f0, f1) in {**answers, "r1": (300, 200)}.items():
-                rel = f"wavs/test/agent/{text}_{voice}_{emotion}.wav"
-                save_audio(root / rel, glide(f0 * shift, f1 * shift, 0.6, rate))
-                rows.append({"path": rel, "text": text, "voice": voice, "emotion": emotion, "role": "agent",
-                             "kind": "recall" if text == "r1" else "answer", "split": "test", "duration": 0.6, "intent_id": text})
+    rows, pairs, train_rows = [], [], []
+    for split, out in (("train", train_rows), ("test", rows)):  # the voice classifier fits on the train split's
+        for voice, shift in (("Arjun", 1.0), ("Priya", 1.6)):
+            for emotion, rate in (("neutral", 1.0), ("sad", 1.2)):
+                for text, (f0, f1) in {**answers, "r1": (300, 200)}.items():
+                    rel = f"wavs/{split}/agent/{text}_{voice}_{emotion}.wav"
+                    save_audio(root / rel, glide(f0 * shift, f1 * shift, 0.6, rate))
+                    out.append({"path": rel, "text": text, "voice": voice, "emotion": emotion, "role": "agent",
+                                "kind": "recall" if text == "r1" else "answer", "split": split, "duration": 0.6,
+                                "intent_id": text})
     for i, text in enumerate(answers):
         q = f"wavs/test/user/q{i}.wav"
         save_audio(root / q, glide(200 + 50 * i, 300, 0.5, seed=i))
@@ -116,6 +151,7 @@ def fake_corpus(tmp_path_factory):
                   "emotion_id": 2, "target_text": "r1", "intent_id": "ctx_what_did_i_ask", "voice": "Arjun",
                   "emotion": "sad", "history": [first]})
     write_manifest(root / "manifests" / "test.jsonl", rows)
+    write_manifest(root / "manifests" / "train.jsonl", train_rows)
     write_json(root / "metadata" / "test_pairs.json", pairs)
     torch.manual_seed(0)
     TeluCodec(CodecConfig.preset("tiny")).save(root / "models" / "codec")
