@@ -319,7 +319,7 @@ def main(argv=None) -> None:
              "precision": load_checkpoint(s2s_last).get("precision", "fp32"),
              "val_loss": float(best_ckpt.get("val_loss", float("nan"))),
              "val_accuracy": float(best_ckpt.get("metrics", {}).get("val_accuracy", float("nan"))),
-             **{k: float(v) for k, v in best_ckpt.get("metrics", {}).items() if k in ("val_input_gain", "val_cer")},
+             **{k: float(v) for k, v in best_ckpt.get("metrics", {}).items() if k in ("val_input_gain", "val_cer", "train_input_gain", "train_cer")},
              "train_seconds": round(wall_seconds(s2s_run / "s2s_demo.jsonl", "seconds")), "machine": machine}
     if args.continue_shipped:
         stages = s2s_stages(previous) + [stage]
@@ -367,6 +367,8 @@ def stage_line(i: int, st: dict) -> str:
             f"validation loss {st['val_loss']:.3f}, validation token accuracy {100 * st['val_accuracy']:.1f}%"
             + (f", input gain {st['val_input_gain']:.5f} nats" if "val_input_gain" in st else "")
             + (f", question text CER {100 * st['val_cer']:.0f}%" if "val_cer" in st else "")
+            + (f"; on training pairs: input gain {st['train_input_gain']:.5f} nats" if "train_input_gain" in st else "")
+            + (f", question text CER {100 * st['train_cer']:.0f}%" if "train_cer" in st else "")
             + ") of "
             f"`train_s2s.py {' '.join(st['flags'])}` with overrides {st['overrides']}, {st['precision']}, "
             f"~{st['train_seconds'] / 3600:.1f} h on {st['machine']}.")

@@ -30,7 +30,9 @@ Validation (each epoch, or every --eval_every steps and at the run's last step):
 accuracy and perplexity per codebook, end-of-reply accuracy, and val_input_gain (how much lower
 the loss is with each reply's own question than with another's: near 0, the model ignores what
 was asked), and with a text head the CTC loss and character error rate of its transcripts
-(val_text_loss, val_cer).
+(val_text_loss, val_cer). The same figures on the first --eval_train_batches batches of training
+pairs (train_input_gain, train_cer, ...) tell whether the model reads even the questions it learns
+from.
 
 Outputs in --checkpoint_dir: last.pt (every evaluation, --save_every steps and at the end; exact
 resume: model, optimizer, step, position in the epoch, every rank's RNG), s2s_best.pt (lowest
@@ -126,6 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_every", type=int, default=0, help="validate every N steps (0: at the end of each epoch)")
     p.add_argument("--save_every", type=int, default=500, help="also write last.pt every N steps (0: only at evaluations)")
     p.add_argument("--max_val_batches", type=int, default=0, help="validate on at most N batches per process (0: all)")
+    p.add_argument("--eval_train_batches", type=int, default=4,
+                   help="at each validation, also measure the first N batches of training pairs (train_input_gain, "
+                        "train_cer, ...: can the model read the questions it learns from?); 0: off")
     p.add_argument("--log_every", type=int, default=10, help="write a training metrics row every N steps")
     p.add_argument("--max_input_seconds", type=float, default=20.0, help="pairs with a longer user turn are skipped")
     p.add_argument("--max_reply_seconds", type=float, default=15.0, help="pairs with a longer reply are skipped")
@@ -366,18 +371,24 @@ def edit_distance(a, b) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
+def evaluate(model, examples, args, ctx, autocast: bool, prefix: str = "val",
+             max_batches: int | None = None) -> dict[str, float]:
     """Validation metrics over this rank's share of the pairs, summed over ranks: loss, per-codebook
     accuracy and perplexity, end-of-reply accuracy (frame- and step-weighted), and val_input_gain:
     how much the user's turn is worth to the model, the code cross-entropy (nats per code) with
     each reply paired with another pair's user turn (the batch rolled by one) minus that with its
     own. Near 0, the model answers the same whatever was asked. With a text head: val_text_loss
     (CTC, nats per character) and val_cer, the character error rate of its best-path transcripts
-    of the user turns (pairs with a transcript only)."""
+    of the user turns (pairs with a transcript only).
+
+    The same on training pairs (prefix "train", the first `max_batches` of a fixed order) tells a
+    model that cannot use the question at all (train_input_gain ~ 0 too) from one that reads the
+    questions it was trained on but not new voices and paraphrases (val_input_gain ~ 0 only)."""
     model.eval()
     batches = epoch_batches(examples, args.batch_size, 0, args.seed, ctx.rank, ctx.world_size)
-    if args.max_val_batches:
-        batches = batches[: args.max_val_batches]
+    max_batches = args.max_val_batches if max_batches is None else max_batches
+    if max_batches:
+        batches = batches[:max_batches]
     cfg = (model.module if hasattr(model, "module") else model).config
     k = None
     totals = None
@@ -416,16 +427,15 @@ def evaluate(model, examples, args, ctx, autocast: bool) -> dict[str, float]:
     input_gain = float((totals[2 * k + 2] - totals[2 * k + 4]) / swapped_n)
     ce, acc = totals[:k] / n, totals[k : 2 * k] / n
     stop_loss, stop_acc = totals[2 * k] / n, totals[2 * k + 1] / n
-    metrics = {"val_loss": float(ce.mean() + cfg.stop_loss_weight * stop_loss), "val_accuracy": float(acc.mean()),
-               "val_input_gain": input_gain,
-               "val_stop_accuracy": float(stop_acc), "val_stop_loss": float(stop_loss)}
+    metrics = {"loss": float(ce.mean() + cfg.stop_loss_weight * stop_loss), "accuracy": float(acc.mean()),
+               "input_gain": input_gain, "stop_accuracy": float(stop_acc), "stop_loss": float(stop_loss)}
     if text_totals[1] > 0:
-        metrics["val_text_loss"] = float(text_totals[0] / text_totals[1])
-        metrics["val_cer"] = float(text_totals[2] / text_totals[3].clamp_min(1))
+        metrics["text_loss"] = float(text_totals[0] / text_totals[1])
+        metrics["cer"] = float(text_totals[2] / text_totals[3].clamp_min(1))
     for i in range(k):
-        metrics[f"val_acc_cb{i}"] = float(acc[i])
-        metrics[f"val_ppl_cb{i}"] = float(torch.exp(ce[i]))
-    return metrics
+        metrics[f"acc_cb{i}"] = float(acc[i])
+        metrics[f"ppl_cb{i}"] = float(torch.exp(ce[i]))
+    return {f"{prefix}_{key}": v for key, v in metrics.items()}
 
 
 def build_config(args, checkpoint: dict | None, init_config: dict | None = None) -> S2SConfig:
@@ -615,6 +625,8 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
     def validate():
         nonlocal best_val
         metrics = evaluate(model, val_set, args, ctx, autocast)
+        if args.eval_train_batches:
+            metrics.update(evaluate(model, train_set, args, ctx, autocast, "train", args.eval_train_batches))
         improved = metrics["val_loss"] < best_val
         if improved:
             best_val = metrics["val_loss"]
@@ -624,7 +636,9 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
             if wandb:
                 wandb.log(row, step=step)
             log(f"step {step} epoch {epoch}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}, "
-                f"input gain {metrics['val_input_gain']:.4f} nats, "
+                f"input gain {metrics['val_input_gain']:.4f} nats"
+                + (f" (training pairs: {metrics['train_input_gain']:.4f})" if "train_input_gain" in metrics else "")
+                + ", "
                 + (f"text CTC {metrics['val_text_loss']:.3f}, CER {metrics['val_cer']:.3f}, " if "val_cer" in metrics else "")
                 + f"ppl cb0 {metrics['val_ppl_cb0']:.1f}, end-of-reply accuracy {metrics['val_stop_accuracy']:.3f}"
                 + (" (best)" if improved else ""))

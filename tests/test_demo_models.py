@@ -134,6 +134,8 @@ def test_model_card_is_written_from_training_json_and_lists_every_stage():
     # stages trained since val_input_gain / val_cer exist show them; older records read as before
     later = {**stages[-1], "val_input_gain": 0.00005, "val_cer": 0.787}
     assert "input gain 0.00005 nats, question text CER 79%" in make_demo_models.stage_line(3, later)
+    seen = {**later, "train_input_gain": 0.25, "train_cer": 0.3}
+    assert "; on training pairs: input gain 0.25000 nats, question text CER 30%" in make_demo_models.stage_line(3, seen)
     older = {k: v for k, v in stages[0].items() if k not in ("val_input_gain", "val_cer")}
     assert "input gain" not in make_demo_models.stage_line(0, older)
 

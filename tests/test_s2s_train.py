@@ -199,6 +199,8 @@ def test_input_gain_says_whether_the_reply_depends_on_the_question():
             layer.cross_attn.out.weight.zero_()
         model.turn_summary.weight.zero_()
     assert train_s2s.evaluate(model, examples, args, ctx, False)["val_input_gain"] == pytest.approx(0.0, abs=1e-5)
+    on_train = train_s2s.evaluate(model, examples, args, ctx, False, "train", 1)  # one batch, named for training pairs
+    assert on_train["train_input_gain"] == pytest.approx(0.0, abs=1e-5) and not any(k.startswith("val_") for k in on_train)
 
 
 def test_precision_is_resolved_once_and_kept_on_resume(corpus, tmp_path):
