@@ -270,7 +270,7 @@ class TurnResult:
     e2e_ms: float  # client: last voiced sample sent -> first reply audio received
     server_latency_ms: float  # server: last voiced audio in -> first reply audio out
     transport_ms: float  # e2e_ms - server_latency_ms
-    vad_shift_ms: float  # the server's end of speech (speech_stopped.voiced_end_ms) minus the client's voiced_end
+    vad_shift_ms: float  # when the frame holding the server's last voiced sample was sent, minus the client's
     breakdown: dict
     reply_ms_received: float  # reply audio received before the reply ended or was cancelled
     late_chunks: int  # reply chunks that arrived after a 60 ms jitter buffer would have played them
@@ -458,6 +458,10 @@ class AgentClient(SessionClient):
             return None if rid is None else (rid, new[stop])
 
         rid, stopped = await self.until(reply, timeout, "the reply to the utterance")
+        # Where the server's live VAD put the end of speech (a VAD chunk later or earlier than the
+        # offline replay, at times), as the time between sending the two samples' frames.
+        server_end = int(stopped["voiced_end_ms"]) * SAMPLE_RATE // 1000
+        vad_shift = 1000 * (await self.sent_at(server_end - 1, timeout) - voiced_sent)
         _, _, _, first_at = await self.until(lambda: next((f for f in self.frames if f[0] == rid), None), timeout,
                                              f"audio of reply {rid}")
         latency = await self.wait("latency", timeout, response_id=rid)
@@ -481,7 +485,7 @@ class AgentClient(SessionClient):
         return TurnResult(
             mode=mode, utterance=utterance.name, response_id=rid, e2e_ms=e2e,
             server_latency_ms=float(latency["latency_ms"]), transport_ms=e2e - float(latency["latency_ms"]),
-            vad_shift_ms=float(stopped["voiced_end_ms"]) - 1000 * voiced_end / SAMPLE_RATE,
+            vad_shift_ms=vad_shift,
             breakdown=dict(latency["breakdown"]), reply_ms_received=1000 * sum(f[2] for f in frames) / SAMPLE_RATE,
             late_chunks=late, chunks=len(frames), early_replies=early,
         )

@@ -160,7 +160,7 @@ def test_benchmark_latency_both_modes(tmp_path, question):
             assert t["e2e_ms"] == pytest.approx(t["server_latency_ms"] + t["transport_ms"])
             # Server and client find the end of speech within a few VAD chunks of each other on the
             # same stream clock, and what is left of the transport is not negative (loopback).
-            assert abs(t["vad_shift_ms"]) <= 4 * 32
+            assert abs(t["vad_shift_ms"]) < 4 * 32 + 20  # frames are 20 ms, VAD chunks 32 ms
         assert s["stages"]["wire_ms"]["min"] > -2
     stream, turn = r["summary"]["stream"]["stages"], r["summary"]["turn"]["stages"]
     assert stream["codec_encode_ms"]["max"] == 0 and stream["s2s_encode_ms"]["n"] == 3
