@@ -319,7 +319,8 @@ def main(argv=None) -> None:
              "precision": load_checkpoint(s2s_last).get("precision", "fp32"),
              "val_loss": float(best_ckpt.get("val_loss", float("nan"))),
              "val_accuracy": float(best_ckpt.get("metrics", {}).get("val_accuracy", float("nan"))),
-             **{k: float(v) for k, v in best_ckpt.get("metrics", {}).items() if k in ("val_input_gain", "val_cer", "train_input_gain", "train_cer")},
+             **{k: float(v) for k, v in best_ckpt.get("metrics", {}).items()
+                if k in ("val_input_gain", "val_cer", "train_input_gain", "train_cer")},
              "train_seconds": round(wall_seconds(s2s_run / "s2s_demo.jsonl", "seconds")), "machine": machine}
     if args.continue_shipped:
         stages = s2s_stages(previous) + [stage]

@@ -88,7 +88,7 @@ def test_voice_classifier_answers_with_the_nearest_cells_voice():
     """Centroids per (voice, emotion) cell of the round-tripped references, at most per_cell each;
     an utterance gets its nearest cell's voice, where one centroid per voice would have missed."""
     audio = {"a_n1": [1.0, 0.0, 0.0], "a_n2": [1.0, 0.1, 0.0], "a_s": [0.0, 1.0, 0.0],
-             "b_n": [0.0, 0.0, 1.0], "b_s": [0.7, 0.7, 0.1], "b_x": [-1.0, 0.0, 0.0]}
+             "b_n": [0.0, 0.0, 1.0], "b_s": [0.7, 0.7, 0.1]}
     rows = [{"path": "a_n1", "voice": "A", "emotion": "neutral"}, {"path": "a_n2", "voice": "A", "emotion": "neutral"},
             {"path": "a_s", "voice": "A", "emotion": "sad"}, {"path": "b_n", "voice": "B", "emotion": "neutral"},
             {"path": "b_s", "voice": "B", "emotion": "sad"}]
