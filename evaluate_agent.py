@@ -111,10 +111,11 @@ class VoiceClassifier:
     voice is the answer.
 
     Per cell, because emotions move the embedding; through the codec, because the replies come out
-    of it. Chosen on the codec round trip of 216 validation-split answers (6 per cell), fitted on the
-    train split's: the nearest neutral-voice centroid gets 87.5% of them right, one centroid per
-    voice 94.0%, one per cell 97.2% (logistic regression 96.8%); on clean recordings, 89.8% / 84.3% /
-    91.7%. The test split's answers through the codec: 98.6%, the ceiling of the replies' figure.
+    of it. Chosen (in an ad-hoc comparison, not a repo script) on the codec round trip of 216
+    validation-split answers (6 per cell), fitted on the train split's: the nearest neutral-voice
+    centroid gets 87.5% of them right, one centroid per voice 94.0%, one per cell 97.2% (logistic
+    regression 96.8%); on clean recordings, 89.8% / 84.3% / 91.7%. The test split's answers through
+    the codec: 98.6%, the ceiling of the replies' figure.
     """
 
     def __init__(self, centroids: dict[tuple[str, str], np.ndarray]):

@@ -225,6 +225,12 @@ def evaluate(out: Path, corpus: Path, runs: Path, args) -> dict:
     return {k: v for k, v in read_json(eval_dir / "evaluation.json").items() if k != "replies"}
 
 
+def card_describes(out: Path, card: dict) -> bool:
+    """Whether a training.json (`card`) describes the codec and S2S weights in `out` (by sha256)."""
+    return (card.get("codec", {}).get("sha256") == folder_sha256(out / "codec")
+            and card.get("s2s", {}).get("sha256") == folder_sha256(out / "s2s"))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     ws = workspace_from_args(args)
@@ -234,20 +240,17 @@ def main(argv=None) -> None:
     t0 = time.time()
     card_path = out / "training.json"
     previous = read_json(card_path) if card_path.is_file() else {}
+    if (args.continue_shipped or args.evaluate_only) and not card_describes(out, previous):
+        flag, instead = (("--continue_shipped", "train from scratch without --continue_shipped") if args.continue_shipped
+                         else ("--evaluate_only", "run the full recipe, which evaluates what it ships"))
+        raise SystemExit(f"{flag}: {out} holds weights that {card_path} does not describe; restore them "
+                         f"(git checkout {out}) or {instead}")
     if args.continue_shipped:
-        if previous.get("s2s", {}).get("sha256") != folder_sha256(out / "s2s") or \
-                previous.get("codec", {}).get("sha256") != folder_sha256(out / "codec"):
-            raise SystemExit(f"--continue_shipped: {out} holds weights that {card_path} does not describe; "
-                             f"restore them (git checkout {out}) or train from scratch without --continue_shipped")
         codec_run = None
         codec_export = out / "codec"
         init_sha = hashlib.sha256("".join(previous["s2s"]["sha256"].values()).encode()).hexdigest()
         s2s_run = runs / f"s2s_demo_from_{init_sha[:12]}"
     if args.evaluate_only:
-        if not previous or previous.get("s2s", {}).get("sha256") != folder_sha256(out / "s2s") or \
-                previous.get("codec", {}).get("sha256") != folder_sha256(out / "codec"):
-            raise SystemExit(f"--evaluate_only: {out} holds weights that {card_path} does not describe; restore them "
-                             f"(git checkout {out}) or run the full recipe, which evaluates what it ships")
         if not corpus_complete(corpus):
             raise SystemExit(f"--evaluate_only needs the whole corpus in {corpus}: "
                              "python make_telugu_speech.py --workers 2 builds it")
@@ -340,9 +343,7 @@ def main(argv=None) -> None:
         "corpus": evaluate_agent.shown(str(corpus)),
         "machine": machine,
     }
-    same_weights = (previous.get("codec", {}).get("sha256") == info["codec"]["sha256"]
-                    and previous.get("s2s", {}).get("sha256") == s2s_sha)
-    if same_weights and "evaluation" in previous:
+    if card_describes(out, previous) and "evaluation" in previous:
         log("evaluation: these weights were evaluated already (training.json); kept")
         info["evaluation"] = previous["evaluation"]
     elif not args.skip_eval:

@@ -174,6 +174,8 @@ def test_one_turn(server, speech, mode):
     assert order == ["speech_started", "speech_stopped", "response_started", "response_done", "context"]
     stopped = c.find("speech_stopped")[0]
     assert abs(stopped["duration_ms"] - 1000 * len(speech["question"]) / SR) < 300  # VAD found the utterance
+    # where speech ended: the end of a 32 ms VAD chunk, and the turn's audio runs at most 60 ms past it
+    assert stopped["voiced_end_ms"] % 32 == 0 and 0 <= stopped["audio_ms"] - stopped["voiced_end_ms"] <= 60
     check_reply(c, 1)
     b = latency["breakdown"]
     assert latency["latency_ms"] == pytest.approx(b["end_of_turn_wait_ms"] + b["processing_ms"], abs=0.2)
