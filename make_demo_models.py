@@ -21,6 +21,11 @@ for N more steps on the shipped codec's tokens (stages 2-3 skipped; a stage of i
 optimizer, warm-up and a cosine decay ending at step N, in runs/s2s_demo_from_<sha of the weights>,
 resumable like any run), ships the result and appends the stage to training.json, so the model card
 lists every stage the weights went through, and replaying them reproduces the weights.
+`--new_s2s --s2s_steps N` trains a new S2S model from scratch with the current recipe on the shipped
+codec's tokens (stages 2-3 skipped), in runs/s2s_demo_on_<sha of the codec>, to step N of the full
+recipe's schedule: rerun it with a larger N to continue, in this session or a later one that kept
+runs/. It ships like stage 5 and starts training.json's stage list over; if the new model measures
+worse, `git checkout checkpoints/demo` brings the previous one back.
 
 The S2S model learns the codes of the exported (fp16) codec, the very weights the server loads, so
 its tokens match at serving time. Changing the codec (more codec steps) re-encodes the token cache
@@ -186,6 +191,9 @@ def parse_args(argv=None):
     p.add_argument("--s2s_init_exclude", default="",
                    help="with --continue_shipped: parameter-name prefixes left at a fresh init (train_s2s.py "
                         "--init_exclude), e.g. 'encoder.' to retrain a collapsed encoder")
+    p.add_argument("--new_s2s", action="store_true",
+                   help="train a new S2S model from scratch (the current recipe) on the shipped codec's tokens, "
+                        "to --s2s_steps of the recipe's schedule; resumes its run (runs/s2s_demo_on_<codec sha>)")
     p.add_argument("--s2s_batch_size", type=int, default=8, help="S2S pairs per step (default 8)")
     p.add_argument("--workers", type=int, default=2, help="corpus rendering processes")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the S2S training (0: torch's default)")
@@ -240,14 +248,22 @@ def main(argv=None) -> None:
     t0 = time.time()
     card_path = out / "training.json"
     previous = read_json(card_path) if card_path.is_file() else {}
+    if args.new_s2s and (args.continue_shipped or args.evaluate_only):
+        raise SystemExit("--new_s2s trains a new S2S model from scratch: leave out --continue_shipped / --evaluate_only")
     if (args.continue_shipped or args.evaluate_only) and not card_describes(out, previous):
         flag, instead = (("--continue_shipped", "train from scratch without --continue_shipped") if args.continue_shipped
                          else ("--evaluate_only", "run the full recipe, which evaluates what it ships"))
         raise SystemExit(f"{flag}: {out} holds weights that {card_path} does not describe; restore them "
                          f"(git checkout {out}) or {instead}")
-    if args.continue_shipped:
+    if args.new_s2s and previous.get("codec", {}).get("sha256") != folder_sha256(out / "codec"):
+        raise SystemExit(f"--new_s2s: {out}/codec holds a codec that {card_path} does not describe; restore it "
+                         f"(git checkout {out}) or run the full recipe without --new_s2s")
+    if args.continue_shipped or args.new_s2s:
         codec_run = None
         codec_export = out / "codec"
+    if args.new_s2s:
+        s2s_run = runs / f"s2s_demo_on_{sha256(weight_files(codec_export)[0])[:12]}"
+    if args.continue_shipped:
         init_sha = hashlib.sha256("".join(previous["s2s"]["sha256"].values()).encode()).hexdigest()
         s2s_run = runs / f"s2s_demo_from_{init_sha[:12]}"
     if args.evaluate_only:
@@ -325,11 +341,10 @@ def main(argv=None) -> None:
              **{k: float(v) for k, v in best_ckpt.get("metrics", {}).items()
                 if k in ("val_input_gain", "val_cer", "train_input_gain", "train_cer")},
              "train_seconds": round(wall_seconds(s2s_run / "s2s_demo.jsonl", "seconds")), "machine": machine}
-    if args.continue_shipped:
-        stages = s2s_stages(previous) + [stage]
+    stages = s2s_stages(previous) + [stage] if args.continue_shipped else [stage]
+    if codec_run is None:
         codec_info = previous["codec"]
     else:
-        stages = [stage]
         codec_info = {"step": codec_step, "run": str(codec_run), "flags": CODEC_FLAGS,
                       "parameters": sum(p.numel() for p in TeluCodec.from_pretrained(out / "codec").parameters()),
                       "train_seconds": round(wall_seconds(codec_run / "metrics.jsonl", "seconds_per_step")),

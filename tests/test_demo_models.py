@@ -152,3 +152,46 @@ def test_refuses_shipped_weights_the_card_does_not_describe(tmp_path, flag):
     with pytest.raises(SystemExit, match="does not describe"):
         make_demo_models.main([flag, "--out", str(out), "--runs", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+def test_new_s2s_trains_from_scratch_on_the_shipped_codec(tmp_path, monkeypatch):
+    """--new_s2s: no codec stage, a run named after the shipped codec, the recipe's own flags (no
+    --init_from), and nothing shipped until training returns."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(DEMO, out)
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cmd):
+        calls.append(cmd)
+        if "train_s2s.py" in cmd[1]:
+            raise Stop
+
+    monkeypatch.setattr(make_demo_models, "run", fake_run)
+    monkeypatch.setattr(make_demo_models, "corpus_complete", lambda corpus: True)
+    with pytest.raises(Stop):
+        make_demo_models.main(["--new_s2s", "--s2s_steps", "50", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    assert len(calls) == 1, "only the S2S stage runs: the codec is the shipped one"
+    cmd = calls[0]
+    codec_sha = hashlib.sha256(weight_files(out / "codec")[0].read_bytes()).hexdigest()
+    run_dir = tmp_path / "runs" / f"s2s_demo_on_{codec_sha[:12]}"
+    assert cmd[cmd.index("--checkpoint_dir") + 1] == str(run_dir)
+    assert cmd[cmd.index("--codec_path") + 1] == str(out / "codec")
+    assert "--init_from" not in cmd and "--resume" not in cmd
+    assert " ".join(make_demo_models.S2S_FLAGS) in " ".join(cmd)
+    assert cmd[cmd.index("--max_steps") + 1] == "50"
+    assert (run_dir / "codec.sha256").read_text().strip() == codec_sha
+    assert json.loads((run_dir / "overrides.json").read_text()) == make_demo_models.S2S_OVERRIDES
+    assert make_demo_models.folder_sha256(out / "s2s") == make_demo_models.folder_sha256(DEMO / "s2s")  # not shipped yet
+
+    info = json.loads((out / "training.json").read_text())
+    info["codec"]["sha256"] = {name: "0" * 64 for name in info["codec"]["sha256"]}
+    (out / "training.json").write_text(json.dumps(info))
+    with pytest.raises(SystemExit, match="does not describe"):
+        make_demo_models.main(["--new_s2s", "--out", str(out), "--runs", str(tmp_path / "runs2")])
+    with pytest.raises(SystemExit, match="leave out --continue_shipped"):
+        make_demo_models.main(["--new_s2s", "--continue_shipped", "--out", str(out), "--runs", str(tmp_path / "runs2")])
