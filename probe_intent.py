@@ -170,6 +170,60 @@ def augment_mel(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
+def perturb_voice(wav: np.ndarray, seed: int) -> np.ndarray:
+    """A new pseudo-speaker and channel for one training question, in the audio domain, with the
+    corpus's own transforms: change_voice (formant ratio 0.88-1.18, median F0 90-260 Hz, F0 range
+    0.8-1.25, tempo 0.88-1.14), then a random room, microphone EQ, noise and level (augment)."""
+    from make_telugu_speech import augment, augmentation_params, change_voice
+
+    rng = np.random.default_rng(seed)
+    wav = change_voice(wav, pitch_hz=float(rng.uniform(90, 260)), pitch_range=float(rng.uniform(0.8, 1.25)),
+                       formant_ratio=float(rng.uniform(0.88, 1.18)), tempo=float(rng.uniform(0.88, 1.14)))
+    return augment(wav, augmentation_params(seed), seed)
+
+
+def _perturbed_codes(job: tuple[str, int, str]) -> torch.Tensor:
+    path, seed, codec_path = job
+    from telugu_codec import TeluCodec
+
+    global _WORKER_CODEC
+    if _WORKER_CODEC is None:
+        torch.set_num_threads(1)
+        _WORKER_CODEC = TeluCodec.from_pretrained(codec_path).eval()
+    wav = perturb_voice(load_audio(path), seed)
+    with torch.no_grad():
+        return _WORKER_CODEC.encode(torch.from_numpy(wav)[None, None])[0].short()  # (K, F)
+
+
+_WORKER_CODEC = None
+
+
+def perturbed_code_copies(rows: list[dict], copies: int, codec_path: Path, cache: Path, workers: int,
+                          log=print) -> list[list[torch.Tensor]]:
+    """`copies` perturb_voice renderings of each row's audio, as codec token ids (K, F): one list
+    per row. Cached in `cache` (keyed by path and copy; seeds come from both), so a rerun with
+    the same rows and codec encodes nothing."""
+    import multiprocessing as mp
+    import zlib
+
+    done: dict = torch.load(cache) if cache.is_file() else {}
+    jobs = [(r["path"], zlib.crc32(f"{Path(r['path']).name}|{c}".encode()), str(codec_path))
+            for r in rows for c in range(copies)]
+    todo = [j for j in jobs if (j[0], j[1]) not in done]
+    if todo:
+        log(f"rendering {len(todo)} perturbed copies of training questions through the codec ({workers} processes)")
+        start = time.time()
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for n, (job, codes) in enumerate(zip(todo, pool.imap(_perturbed_codes, todo, chunksize=8)), 1):
+                done[(job[0], job[1])] = codes
+                if n % 1000 == 0 or n == len(todo):
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(done, cache.with_suffix(".partial"))
+                    cache.with_suffix(".partial").replace(cache)
+                    log(f"  {n} of {len(todo)} ({time.time() - start:.0f} s)")
+    return [[done[(j[0], j[1])].long() for j in jobs[i * copies : (i + 1) * copies]] for i in range(len(rows))]
+
+
 def load_features(rows: list[dict], features: str, args, data_dir: Path, log=print) -> list[torch.Tensor]:
     """One (C, frames) tensor per row: float for mel and latent, int64 token ids for codes."""
     if features == "mel":
@@ -248,18 +302,23 @@ def accuracy(model: IntentProbe, xs: list[torch.Tensor], labels: torch.Tensor, b
 
 
 def train_probe(model: IntentProbe, train_x, train_y, test_x, test_y, steps: int, batch_size: int = 32,
-                lr: float = 1e-3, eval_every: int = 250, seed: int = 0, augment=None, log=print) -> list[dict]:
+                lr: float = 1e-3, eval_every: int = 250, seed: int = 0, augment=None, variants=None,
+                log=print) -> list[dict]:
     """AdamW on random batches, each training input passed through `augment(x, generator)` when
-    given; returns the curve [{step, loss, train_acc, test_acc, seconds}]."""
+    given. `variants[i]`: other renderings of training question i; each time the question is
+    drawn, one of train_x[i] and its variants is (uniformly). Returns the curve
+    [{step, loss, train_acc, test_acc, seconds}]."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     curve, losses, start = [], [], time.time()
     for step in range(1, steps + 1):
         ids = torch.randint(len(train_x), (batch_size,), generator=gen).tolist()
-        if augment is None:
-            x, lengths = pad_batch(train_x, ids)
-        else:
-            x, lengths = pad_batch([augment(train_x[i].clone(), gen) for i in ids], list(range(len(ids))))
+        xs = [train_x[i] for i in ids]
+        if variants is not None:
+            xs = [([x] + variants[i])[int(torch.randint(1 + len(variants[i]), (), generator=gen))] for x, i in zip(xs, ids)]
+        if augment is not None:
+            xs = [augment(x.clone(), gen) for x in xs]
+        x, lengths = pad_batch(xs, list(range(len(ids))))
         loss = F.cross_entropy(model(x, lengths), train_y[ids])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -300,7 +359,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--dropout", type=float, default=0.3, help="dropout after each convolution")
     p.add_argument("--augment", action="store_true",
-                   help="with --features mel: perturb training questions (band warp, tempo, SpecAugment masks)")
+                   help="perturb training questions: with --features mel on the log-mel (band warp, tempo, SpecAugment "
+                        "masks); with --features codes in the audio, --augment_copies renderings each (perturb_voice), "
+                        "encoded by the codec")
+    p.add_argument("--augment_copies", type=int, default=3,
+                   help="with --features codes --augment: perturbed renderings per training question (cached)")
+    p.add_argument("--workers", type=int, default=2, help="processes rendering the perturbed copies")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -313,8 +377,8 @@ def main(argv=None) -> dict:
     data_dir = Path(args.data_dir) if args.data_dir else workspace_from_args(args).synth_corpus
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.augment and args.features != "mel":
-        raise SystemExit("--augment perturbs log-mel only: use it with --features mel")
+    if args.augment and args.features not in ("mel", "codes"):
+        raise SystemExit("--augment perturbs log-mel or the audio under the codes: use it with --features mel or codes")
     held_out = tuple(v for v in args.held_out_voices.split(",") if v)
     train, test = probe_split(data_dir, args.split, held_out, args.max_train_voices, args.seed)
     intents = sorted({r["intent_id"] for r in train})
@@ -344,21 +408,30 @@ def main(argv=None) -> dict:
         start = time.time()
         features = load_features(train + test, args.features, args, data_dir)  # one latent scale for both
         train_x, test_x = features[: len(train)], features[len(train) :]
+        ids = args.features == "codes"
+        variants = None
+        if args.augment and ids:
+            from train_s2s import codec_identity
+
+            cache = Path(args.out) / f"perturbed_codes_{codec_identity(Path(args.codec_path))}.pt"
+            variants = perturbed_code_copies(train, args.augment_copies, Path(args.codec_path), cache, args.workers)
+            report["augment_copies"] = args.augment_copies
         report["feature_seconds"] = round(time.time() - start, 1)
         index = {k: i for i, k in enumerate(intents)}
         train_y = torch.tensor([index[r["intent_id"]] for r in train])
         test_y = torch.tensor([index[r["intent_id"]] for r in test])
         stride = 2 if args.features == "mel" else 4  # to 50 steps/s from 100 / 200 frames/s
-        ids = args.features == "codes"
+        n_ids = 1 + max(int(x.max()) for x in features + sum(variants or [], [])) if ids else 0
         model = IntentProbe("codes" if ids else "float", train_x[0].shape[0], len(intents), stride,
-                            dropout=args.dropout, codebook_size=1 + max(int(x.max()) for x in features) if ids else 0)
+                            dropout=args.dropout, codebook_size=n_ids)
         report["parameters"] = sum(p.numel() for p in model.parameters())
         report["curve"] = train_probe(model, train_x, train_y, test_x, test_y, args.steps, args.batch_size,
                                       args.learning_rate, args.eval_every, args.seed,
-                                      augment_mel if args.augment else None)
+                                      augment_mel if args.augment and not ids else None, variants)
         report["accuracy"] = report["curve"][-1]["test_acc"]
         report["method"] = (f"IntentProbe on {args.features}, {args.steps} steps of {args.batch_size}"
-                            + (", augmented" if args.augment else ""))
+                            + (f", augmented ({args.augment_copies} perturbed renderings of each training question)"
+                               if args.augment and ids else ", augmented" if args.augment else ""))
     print(f"{args.features} / {args.split}: intent accuracy {report['accuracy']:.1%} (chance {report['chance']:.1%})")
     name = (args.features + ("_augmented" if args.augment else "")
             + (f"_{args.max_train_voices}voices" if args.max_train_voices else ""))

@@ -103,6 +103,27 @@ def test_probe_learns_a_separable_toy(kind):
     assert curve[-1]["test_acc"] >= 0.9
 
 
+def test_train_probe_draws_from_variants():
+    """With variants, a training question is sometimes one of its other renderings: here only the
+    variants carry the class, so the probe learns only if it draws them."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    labels = [i % 2 for i in range(48)]
+    blank = [torch.zeros(3, 40) for _ in labels]
+
+    def informative(label):
+        x = torch.randn(3, 40, generator=gen)
+        x[label] += 2.0
+        return x
+
+    variants = [[informative(k), informative(k)] for k in labels]
+    test = [informative(k) for k in labels[:16]]
+    model = probe_intent.IntentProbe("float", 3, 2, stride=4, dim=32, layers=2)
+    curve = probe_intent.train_probe(model, blank, torch.tensor(labels), test, torch.tensor(labels[:16]), steps=60,
+                                     batch_size=16, eval_every=60, variants=variants, log=lambda *_: None)
+    assert curve[-1]["test_acc"] >= 0.9
+
+
 def test_main_text_and_mel(tmp_path):
     write_corpus(tmp_path, audio=True)
     out = tmp_path / "out"
@@ -114,8 +135,8 @@ def test_main_text_and_mel(tmp_path):
     saved = json.loads((out / "mel_augmented_test.json").read_text())
     assert [r["step"] for r in saved["curve"]] == [10, 20] and saved["accuracy"] == report["accuracy"]
     assert saved["flags"]["augment"] is True
-    with pytest.raises(SystemExit, match="log-mel only"):
-        probe_intent.main(["--data_dir", str(tmp_path), "--features", "codes", "--augment"])
+    with pytest.raises(SystemExit, match="use it with --features mel or codes"):
+        probe_intent.main(["--data_dir", str(tmp_path), "--features", "latent", "--augment"])
 
 
 @pytest.mark.parametrize("features", ["codes", "latent"])
@@ -133,3 +154,30 @@ def test_main_codec_features(tmp_path, features):
     assert report["train_questions"] == 12 and [r["step"] for r in report["curve"]] == [2, 4]
     assert len(list((tmp_path / "token_cache").rglob("shard-*.pt"))) >= 1
     assert (tmp_path / "out" / f"{features}_test.json").is_file()
+
+
+def test_main_codes_augmented_renders_cached_copies(tmp_path, capsys):
+    """--features codes --augment: perturb_voice renderings of each training question through the
+    codec, cached, so a rerun encodes nothing; each differs from the original's codes."""
+    rows = write_corpus(tmp_path, audio=True)
+    torch.manual_seed(0)
+    codec_path = tmp_path / "codec.pt"
+    codec = TeluCodec(CodecConfig.preset("tiny"))
+    save_checkpoint(codec_path, {"model_state": codec.state_dict(), "config": config_to_dict(codec.config)})
+    args = ["--data_dir", str(tmp_path), "--features", "codes", "--augment", "--augment_copies", "2", "--workers", "1",
+            "--codec_path", str(codec_path), "--steps", "4", "--eval_every", "2", "--out", str(tmp_path / "out")]
+    report = probe_intent.main(args)
+    assert report["augment_copies"] == 2 and "2 perturbed renderings" in report["method"]
+    assert "rendering 24 perturbed copies" in capsys.readouterr().out  # 12 training questions x 2
+    cache = list((tmp_path / "out").glob("perturbed_codes_*.pt"))
+    assert len(cache) == 1
+    copies = torch.load(cache[0])
+    assert len(copies) == 24 and all(c.shape[0] == codec.n_codebooks for c in copies.values())
+    train = [r for r in rows["train"] if r["role"] == "user" and r["intent_id"]]
+    paths = {str(tmp_path / r["path"]) for r in train}
+    assert {path for path, _ in copies} == paths
+    probe_intent.main(args)
+    assert "rendering" not in capsys.readouterr().out
+    wav = np.sin(2 * np.pi * 220 * np.arange(SAMPLE_RATE) / SAMPLE_RATE).astype(np.float32) * 0.3
+    a, b = probe_intent.perturb_voice(wav, 3), probe_intent.perturb_voice(wav, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, probe_intent.perturb_voice(wav, 4))
