@@ -20,6 +20,9 @@ classifying each question's intent:
            summed over codebooks: the S2S encoder's own input
   latent   the codec's continuous latent for the same tokens (the codebook vectors' sum)
 
+--augment perturbs the training questions: log-mel directly (augment_mel); codes in the audio,
+before the codec (perturb_voice: --augment_copies new pseudo-voices of each question, cached).
+
 The audio features go through one small classifier (`IntentProbe`: a strided input layer to
 50 steps/s, four residual convolutions, attention pooling; 0.8M parameters on log-mel,
 2.5M with the codes' embedding table), trained from scratch with AdamW on the training questions.
@@ -38,6 +41,7 @@ to quote is the last one (no early stopping on the test questions).
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -182,6 +186,9 @@ def perturb_voice(wav: np.ndarray, seed: int) -> np.ndarray:
     return augment(wav, augmentation_params(seed), seed)
 
 
+_WORKER_CODEC = None  # one codec per rendering process, loaded on its first job
+
+
 def _perturbed_codes(job: tuple[str, int, str]) -> torch.Tensor:
     path, seed, codec_path = job
     from telugu_codec import TeluCodec
@@ -193,9 +200,6 @@ def _perturbed_codes(job: tuple[str, int, str]) -> torch.Tensor:
     wav = perturb_voice(load_audio(path), seed)
     with torch.no_grad():
         return _WORKER_CODEC.encode(torch.from_numpy(wav)[None, None])[0].short()  # (K, F)
-
-
-_WORKER_CODEC = None
 
 
 def perturbed_code_copies(rows: list[dict], copies: int, codec_path: Path, cache: Path, workers: int,
@@ -421,7 +425,7 @@ def main(argv=None) -> dict:
         train_y = torch.tensor([index[r["intent_id"]] for r in train])
         test_y = torch.tensor([index[r["intent_id"]] for r in test])
         stride = 2 if args.features == "mel" else 4  # to 50 steps/s from 100 / 200 frames/s
-        n_ids = 1 + max(int(x.max()) for x in features + sum(variants or [], [])) if ids else 0
+        n_ids = 1 + max(int(x.max()) for x in itertools.chain(features, *(variants or []))) if ids else 0
         model = IntentProbe("codes" if ids else "float", train_x[0].shape[0], len(intents), stride,
                             dropout=args.dropout, codebook_size=n_ids)
         report["parameters"] = sum(p.numel() for p in model.parameters())
