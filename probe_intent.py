@@ -20,8 +20,9 @@ classifying each question's intent:
            summed over codebooks: the S2S encoder's own input
   latent   the codec's continuous latent for the same tokens (the codebook vectors' sum)
 
---augment perturbs the training questions: log-mel directly (augment_mel); codes in the audio,
-before the codec (perturb_voice: --augment_copies new pseudo-voices of each question, cached).
+--augment perturbs the training questions: log-mel directly (augment_mel); codes and latent in
+the audio, before the codec (perturb_voice: --augment_copies new pseudo-voices of each question,
+cached).
 
 The audio features go through one small classifier (`IntentProbe`: a strided input layer to
 50 steps/s, four residual convolutions, attention pooling; 0.8M parameters on log-mel,
@@ -229,7 +230,8 @@ def perturbed_code_copies(rows: list[dict], copies: int, codec_path: Path, cache
 
 
 def load_features(rows: list[dict], features: str, args, data_dir: Path, log=print) -> list[torch.Tensor]:
-    """One (C, frames) tensor per row: float for mel and latent, int64 token ids for codes."""
+    """One (C, frames) tensor per row: float log-mel for mel, int64 token ids for codes and latent
+    (latents_of turns those into the codec's latent)."""
     if features == "mel":
         return [log_mel_cmvn(load_audio(r["path"])) for r in rows]
     from train_s2s import build_token_cache, codec_identity
@@ -240,14 +242,25 @@ def load_features(rows: list[dict], features: str, args, data_dir: Path, log=pri
 
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     codes = build_token_cache([r["path"] for r in rows], cache_root / codec_identity(codec_path), codec_path, ctx, log)
-    if features == "codes":
-        return [codes[r["path"]].long() for r in rows]
+    return [codes[r["path"]].long() for r in rows]
+
+
+@torch.no_grad()
+def latents_of(codes: list[torch.Tensor], variants: list[list[torch.Tensor]] | None, codec_path: Path):
+    """Token ids (K, F) -> the codec's latent for them (D, F), the codebook vectors' sum, divided
+    by one global scale taken over `codes` (keeps relative levels); `variants` go through the same."""
     from telugu_codec import TeluCodec
 
     codec = TeluCodec.from_pretrained(codec_path)
-    latents = [codec.quantizer.decode(codes[r["path"]].long()[None])[0] for r in rows]
-    scale = torch.cat(latents, dim=1).std().item() or 1.0  # one global scale: keeps relative levels
-    return [z / scale for z in latents]
+
+    def latent(c):
+        return codec.quantizer.decode(c.long()[None])[0]
+
+    latents = [latent(c) for c in codes]
+    scale = torch.cat(latents, dim=1).std().item() or 1.0
+    if variants is not None:
+        variants = [[latent(c) / scale for c in v] for v in variants]
+    return [z / scale for z in latents], variants
 
 
 # --------------------------------------------------------------------------------------
@@ -364,10 +377,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.3, help="dropout after each convolution")
     p.add_argument("--augment", action="store_true",
                    help="perturb training questions: with --features mel on the log-mel (band warp, tempo, SpecAugment "
-                        "masks); with --features codes in the audio, --augment_copies renderings each (perturb_voice), "
+                        "masks); with codes / latent in the audio, --augment_copies renderings each (perturb_voice), "
                         "encoded by the codec")
     p.add_argument("--augment_copies", type=int, default=3,
-                   help="with --features codes --augment: perturbed renderings per training question (cached)")
+                   help="with --features codes / latent --augment: perturbed renderings per training question (cached)")
     p.add_argument("--workers", type=int, default=2, help="processes rendering the perturbed copies")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -381,8 +394,8 @@ def main(argv=None) -> dict:
     data_dir = Path(args.data_dir) if args.data_dir else workspace_from_args(args).synth_corpus
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.augment and args.features not in ("mel", "codes"):
-        raise SystemExit("--augment perturbs log-mel or the audio under the codes: use it with --features mel or codes")
+    if args.augment and args.features == "text":
+        raise SystemExit("--augment perturbs audio features: use it with --features mel, codes or latent")
     held_out = tuple(v for v in args.held_out_voices.split(",") if v)
     train, test = probe_split(data_dir, args.split, held_out, args.max_train_voices, args.seed)
     intents = sorted({r["intent_id"] for r in train})
@@ -410,16 +423,19 @@ def main(argv=None) -> dict:
     else:
         torch.manual_seed(args.seed)
         start = time.time()
-        features = load_features(train + test, args.features, args, data_dir)  # one latent scale for both
+        features = load_features(train + test, args.features, args, data_dir)
         train_x, test_x = features[: len(train)], features[len(train) :]
-        ids = args.features == "codes"
         variants = None
-        if args.augment and ids:
+        if args.augment and args.features != "mel":
             from train_s2s import codec_identity
 
             cache = Path(args.out) / f"perturbed_codes_{codec_identity(Path(args.codec_path))}.pt"
             variants = perturbed_code_copies(train, args.augment_copies, Path(args.codec_path), cache, args.workers)
             report["augment_copies"] = args.augment_copies
+        ids = args.features == "codes"
+        if args.features == "latent":  # one latent scale for train and test
+            features, variants = latents_of(features, variants, Path(args.codec_path))
+            train_x, test_x = features[: len(train)], features[len(train) :]
         report["feature_seconds"] = round(time.time() - start, 1)
         index = {k: i for i, k in enumerate(intents)}
         train_y = torch.tensor([index[r["intent_id"]] for r in train])
@@ -431,11 +447,11 @@ def main(argv=None) -> dict:
         report["parameters"] = sum(p.numel() for p in model.parameters())
         report["curve"] = train_probe(model, train_x, train_y, test_x, test_y, args.steps, args.batch_size,
                                       args.learning_rate, args.eval_every, args.seed,
-                                      augment_mel if args.augment and not ids else None, variants)
+                                      augment_mel if args.features == "mel" and args.augment else None, variants)
         report["accuracy"] = report["curve"][-1]["test_acc"]
         report["method"] = (f"IntentProbe on {args.features}, {args.steps} steps of {args.batch_size}"
-                            + (f", augmented ({args.augment_copies} perturbed renderings of each training question)"
-                               if args.augment and ids else ", augmented" if args.augment else ""))
+                            + ("" if not args.augment else ", augmented" if args.features == "mel" else
+                               f", augmented ({args.augment_copies} perturbed renderings of each training question)"))
     print(f"{args.features} / {args.split}: intent accuracy {report['accuracy']:.1%} (chance {report['chance']:.1%})")
     name = (args.features + ("_augmented" if args.augment else "")
             + (f"_{args.max_train_voices}voices" if args.max_train_voices else ""))

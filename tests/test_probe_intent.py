@@ -135,8 +135,8 @@ def test_main_text_and_mel(tmp_path):
     saved = json.loads((out / "mel_augmented_test.json").read_text())
     assert [r["step"] for r in saved["curve"]] == [10, 20] and saved["accuracy"] == report["accuracy"]
     assert saved["flags"]["augment"] is True
-    with pytest.raises(SystemExit, match="use it with --features mel or codes"):
-        probe_intent.main(["--data_dir", str(tmp_path), "--features", "latent", "--augment"])
+    with pytest.raises(SystemExit, match="use it with --features mel, codes or latent"):
+        probe_intent.main(["--data_dir", str(tmp_path), "--features", "text", "--augment"])
 
 
 @pytest.mark.parametrize("features", ["codes", "latent"])
@@ -158,7 +158,7 @@ def test_main_codec_features(tmp_path, features):
 
 def test_main_codes_augmented_renders_cached_copies(tmp_path, capsys):
     """--features codes --augment: perturb_voice renderings of each training question through the
-    codec, cached, so a rerun encodes nothing; each differs from the original's codes."""
+    codec, cached, so a rerun (or --features latent) encodes nothing; perturb_voice is seeded."""
     rows = write_corpus(tmp_path, audio=True)
     torch.manual_seed(0)
     codec_path = tmp_path / "codec.pt"
@@ -178,6 +178,10 @@ def test_main_codes_augmented_renders_cached_copies(tmp_path, capsys):
     assert {path for path, _ in copies} == paths
     probe_intent.main(args)
     assert "rendering" not in capsys.readouterr().out
+    # the latent reads the same cached copies, through the codec's codebooks
+    report = probe_intent.main([a if a != "codes" else "latent" for a in args])
+    assert "rendering" not in capsys.readouterr().out and report["augment_copies"] == 2
+    assert (tmp_path / "out" / "latent_augmented_test.json").is_file()
     wav = np.sin(2 * np.pi * 220 * np.arange(SAMPLE_RATE) / SAMPLE_RATE).astype(np.float32) * 0.3
     a, b = probe_intent.perturb_voice(wav, 3), probe_intent.perturb_voice(wav, 3)
     assert np.array_equal(a, b) and not np.array_equal(a, probe_intent.perturb_voice(wav, 4))
