@@ -175,60 +175,6 @@ def augment_mel(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-def perturb_voice(wav: np.ndarray, seed: int) -> np.ndarray:
-    """A new pseudo-speaker and channel for one training question, in the audio domain, with the
-    corpus's own transforms: change_voice (formant ratio 0.88-1.18, median F0 90-260 Hz, F0 range
-    0.8-1.25, tempo 0.88-1.14), then a random room, microphone EQ, noise and level (augment)."""
-    from make_telugu_speech import augment, augmentation_params, change_voice
-
-    rng = np.random.default_rng(seed)
-    wav = change_voice(wav, pitch_hz=float(rng.uniform(90, 260)), pitch_range=float(rng.uniform(0.8, 1.25)),
-                       formant_ratio=float(rng.uniform(0.88, 1.18)), tempo=float(rng.uniform(0.88, 1.14)))
-    return augment(wav, augmentation_params(seed), seed)
-
-
-_WORKER_CODEC = None  # one codec per rendering process, loaded on its first job
-
-
-def _perturbed_codes(job: tuple[str, int, str]) -> torch.Tensor:
-    path, seed, codec_path = job
-    from telugu_codec import TeluCodec
-
-    global _WORKER_CODEC
-    if _WORKER_CODEC is None:
-        torch.set_num_threads(1)
-        _WORKER_CODEC = TeluCodec.from_pretrained(codec_path).eval()
-    wav = perturb_voice(load_audio(path), seed)
-    with torch.no_grad():
-        return _WORKER_CODEC.encode(torch.from_numpy(wav)[None, None])[0].short()  # (K, F)
-
-
-def perturbed_code_copies(rows: list[dict], copies: int, codec_path: Path, cache: Path, workers: int,
-                          log=print) -> list[list[torch.Tensor]]:
-    """`copies` perturb_voice renderings of each row's audio, as codec token ids (K, F): one list
-    per row. Cached in `cache` (keyed by path and copy; seeds come from both), so a rerun with
-    the same rows and codec encodes nothing."""
-    import multiprocessing as mp
-    import zlib
-
-    done: dict = torch.load(cache) if cache.is_file() else {}
-    jobs = [(r["path"], zlib.crc32(f"{Path(r['path']).name}|{c}".encode()), str(codec_path))
-            for r in rows for c in range(copies)]
-    todo = [j for j in jobs if (j[0], j[1]) not in done]
-    if todo:
-        log(f"rendering {len(todo)} perturbed copies of training questions through the codec ({workers} processes)")
-        start = time.time()
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for n, (job, codes) in enumerate(zip(todo, pool.imap(_perturbed_codes, todo, chunksize=8)), 1):
-                done[(job[0], job[1])] = codes
-                if n % 1000 == 0 or n == len(todo):
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(done, cache.with_suffix(".partial"))
-                    cache.with_suffix(".partial").replace(cache)
-                    log(f"  {n} of {len(todo)} ({time.time() - start:.0f} s)")
-    return [[done[(j[0], j[1])].long() for j in jobs[i * copies : (i + 1) * copies]] for i in range(len(rows))]
-
-
 def load_features(rows: list[dict], features: str, args, data_dir: Path, log=print) -> list[torch.Tensor]:
     """One (C, frames) tensor per row: float log-mel for mel, int64 token ids for codes and latent
     (latents_of turns those into the codec's latent)."""
@@ -427,10 +373,11 @@ def main(argv=None) -> dict:
         train_x, test_x = features[: len(train)], features[len(train) :]
         variants = None
         if args.augment and args.features != "mel":
-            from train_s2s import codec_identity
+            from train_s2s import codec_identity, perturbed_code_copies
 
             cache = Path(args.out) / f"perturbed_codes_{codec_identity(Path(args.codec_path))}.pt"
-            variants = perturbed_code_copies(train, args.augment_copies, Path(args.codec_path), cache, args.workers)
+            variants = [[c.long() for c in v] for v in perturbed_code_copies(
+                [r["path"] for r in train], args.augment_copies, Path(args.codec_path), cache, args.workers)]
             report["augment_copies"] = args.augment_copies
         ids = args.features == "codes"
         if args.features == "latent":  # one latent scale for train and test

@@ -22,6 +22,13 @@ built: it makes the first complete frame wait n_codebooks - 1 = 7 decoder steps,
 first-chunk latency, the target that binds here. An end-of-reply head (one logit per step)
 decides when to stop.
 
+Encoder input: by default each code id has a learned embedding (FrameEmbedding), shared with
+the decoder's input. With `encoder_input="codec"` the encoder reads the codes through the codec's
+own vectors instead (CodecFrameEmbedding: the codec's latent for them, a frozen table copied from
+the codec with load_codec_vectors): codes that sound alike stay close there whatever the voice,
+where learned per-id embeddings of eleven training voices carry nothing to a new voice (measured
+by probe_intent.py: README, "What the test split asks of a model").
+
 Encoder: Conformer blocks (macaron FFN halves, RoPE self-attention, causal depthwise convolution,
 LayerNorm) with chunked attention: a step sees every step of its own chunk (`encoder_chunk_steps`)
 and of the `encoder_left_chunks` chunks before it. So the encoder can run chunk by chunk while the
@@ -129,6 +136,11 @@ class S2SConfig:
     # the reply from its own past codes, voice and emotion alone and the encoder collapses to a
     # constant (measured: README, "why the replies ignore the question").
     encoder_ctc_weight: float = 0.0  # CTC of the user turn's text (TEXT_VOCAB) on the encoder output
+    # what the encoder reads: "embedding" (a learned vector per code id, shared with the decoder) or
+    # "codec" (the codec's latent for the codes: a frozen (n_codebooks, codebook_size,
+    # codec_latent_dim) table from the codec, see load_codec_vectors)
+    encoder_input: str = "embedding"
+    codec_latent_dim: int = 0  # the codec's latent width, for encoder_input "codec"
     decoder_input_dropout: float = 0.0  # training only: drop this share of the reply's input steps
     rope_base: float = 10000.0
     use_flash_attn: bool = False  # flash_attn where it computes the same as SDPA; SDPA otherwise
@@ -166,6 +178,11 @@ class S2SConfig:
             raise ValueError("encoder_left_chunks must be >= 0")
         if self.encoder_ctc_weight < 0:
             raise ValueError("encoder_ctc_weight must be >= 0 (0: no text head)")
+        if self.encoder_input not in ("embedding", "codec"):
+            raise ValueError(f"encoder_input must be 'embedding' or 'codec'; got {self.encoder_input!r}")
+        if self.encoder_input == "codec" and self.codec_latent_dim < 1:
+            raise ValueError("encoder_input 'codec' needs codec_latent_dim (the codec's latent_dim, e.g. 128 for "
+                             "the demo codec)")
         if not 0.0 <= self.decoder_input_dropout < 1.0:
             raise ValueError("decoder_input_dropout must be in [0, 1)")
         self.n_turn_slots = 2 * (self.max_context_turns + 1)
@@ -446,6 +463,44 @@ class FrameEmbedding(nn.Module):
         idx = (codes + self.offsets[:, None]).transpose(1, 2).reshape(b * n, k)
         frames = self.codes(idx)  # (B * F, D)
         return self.merge(frames.view(b, n // self.fps, self.fps * self.dim))
+
+
+class CodecFrameEmbedding(nn.Module):
+    """Codec codes (B, K, S * fps) -> step vectors (B, S, D) through the codec's own vectors: per
+    frame the codec's latent for the codes (the sum over codebooks of the codec's decoded vector
+    for each id: `table`, copied from the codec by load_codec_vectors and never trained), divided
+    by one scale fixed with the table, the step's fps frames concatenated and projected."""
+
+    def __init__(self, cfg: S2SConfig):
+        super().__init__()
+        self.fps, self.latent_dim = cfg.frames_per_step, cfg.codec_latent_dim
+        self.register_buffer("table", torch.zeros(cfg.n_codebooks, cfg.codebook_size, cfg.codec_latent_dim))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("offsets", torch.arange(cfg.n_codebooks) * cfg.codebook_size, persistent=False)
+        self.proj = nn.Linear(cfg.frames_per_step * cfg.codec_latent_dim, cfg.hidden_dim)
+        self._checked = False
+
+    @torch.no_grad()
+    def load(self, table: torch.Tensor) -> None:
+        """table (K, codebook_size, latent_dim): the codec's decoded vector for every code."""
+        if tuple(table.shape) != tuple(self.table.shape):
+            raise ValueError(f"codec vectors of shape {tuple(table.shape)}, the model expects {tuple(self.table.shape)} "
+                             "(n_codebooks, codebook_size, codec_latent_dim): set codec_latent_dim to the codec's latent_dim")
+        self.table.copy_(table)
+        # the spread of a latent whose codes are drawn at random: sum over codebooks of each one's variance
+        self.scale.copy_(table.float().var(dim=1).sum(0).mean().sqrt().clamp_min(1e-6))
+        self._checked = True
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if not self._checked:
+            if not bool(self.table.any()):
+                raise RuntimeError("encoder_input 'codec' but the codec's vectors were never loaded: call "
+                                   "model.load_codec_vectors(codec) before training (train_s2s.py does)")
+            self._checked = True
+        b, k, n = codes.shape
+        z = F.embedding(codes + self.offsets[:, None], self.table.view(-1, self.latent_dim)).sum(1)  # (B, F, Dc)
+        z = (z / self.scale).to(self.proj.weight.dtype)
+        return self.proj(z.reshape(b, n // self.fps, self.fps * self.latent_dim))
 
 
 class FeedForward(nn.Module):
@@ -757,7 +812,7 @@ class EncoderStream:
 
     def _encode(self, codes: torch.Tensor) -> None:
         m, cfg = self.model, self.model.config
-        x = m.embed(codes)  # (B, T, D)
+        x = m.embed_input(codes)  # (B, T, D)
         t = x.shape[1]
         positions = torch.arange(self.n_steps, self.n_steps + t, device=x.device)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_base)
@@ -783,6 +838,7 @@ class TeluguS2STransformer(nn.Module):
         cfg = self.config = config or S2SConfig()
         d = cfg.hidden_dim
         self.embed = FrameEmbedding(cfg)
+        self.codec_embed = CodecFrameEmbedding(cfg) if cfg.encoder_input == "codec" else None
         self.encoder = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.num_encoder_layers))
         self.role = nn.Embedding(2, d)
         self.age = nn.Embedding(cfg.max_context_turns + 1, d)  # 0 = the current turn
@@ -853,6 +909,17 @@ class TeluguS2STransformer(nn.Module):
 
     # ----- encoder and memory
 
+    def load_codec_vectors(self, codec) -> None:
+        """Copy the codec's decoded vector for every code (encoder_input "codec"): a TeluCodec."""
+        if self.codec_embed is None:
+            raise ValueError("this model reads learned code embeddings (encoder_input 'embedding'); "
+                             "it takes no codec vectors")
+        self.codec_embed.load(codec.quantizer.inference_tables()["decoded"].to(self.device))
+
+    def embed_input(self, codes: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: codes (B, K, S * fps) -> (B, S, D)."""
+        return self.embed(codes) if self.codec_embed is None else self.codec_embed(codes)
+
     def encode(self, codes: torch.Tensor, lengths: torch.Tensor | None = None, role: int | torch.Tensor = ROLE_USER,
                age: int | torch.Tensor = 0) -> Memory:
         """Full (offline) encoding of turns under the chunked mask. codes (B, K, F), lengths (B,)
@@ -860,7 +927,7 @@ class TeluguS2STransformer(nn.Module):
         current user turn). Returns the memory (B, S, D), S = ceil(F / fps)."""
         cfg = self.config
         codes = pad_to_steps(fill_after_end(codes, lengths), cfg.frames_per_step)
-        x = self.embed(codes)  # (B, S, D)
+        x = self.embed_input(codes)  # (B, S, D)
         b, s, _ = x.shape
         steps = torch.arange(s, device=x.device)
         valid = (steps[None] < steps_for(lengths, cfg.frames_per_step)[:, None]) if lengths is not None \

@@ -22,6 +22,14 @@ codec's weights, a WAV's key is its path, size and mtime: a new codec or a chang
 encoded again, anything else never. Shards are written every few hundred files, so a killed run
 keeps what it encoded; under torchrun the ranks share the work.
 
+Reading the question across voices (README, "What the test split asks of a model"): with
+--input_augment_copies N each training user turn is also rendered N times as a new pseudo-voice
+(perturb_voice: F0, formants, tempo, room, microphone, noise, the corpus's own transforms) and
+encoded by the codec, cached in <token_cache>/<codec id>/perturbed.pt; every step reads one of a
+turn's renderings at random (validation reads the originals). With --config '{"encoder_input":
+"codec", "codec_latent_dim": <codec latent_dim>}' the encoder reads the codes through the codec's
+own vectors (copied from --codec_path when the run starts) instead of learned embeddings.
+
 Training: loss = mean over codebooks of cross-entropy + end-of-reply loss (+ encoder_ctc_weight x the
 CTC of the user turn's text; decoder_input_dropout hides some of the reply's past); AdamW, linear warm-up
 then cosine decay (training.lr_at, over --num_epochs or --schedule_steps), gradient clipping, bf16
@@ -132,6 +140,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="at each validation, also measure the first N batches of training pairs (train_input_gain, "
                         "train_cer, ...: can the model read the questions it learns from?); 0: off")
     p.add_argument("--log_every", type=int, default=10, help="write a training metrics row every N steps")
+    p.add_argument("--input_augment_copies", type=int, default=0,
+                   help="render each training user turn this many more times as a new pseudo-voice (perturb_voice: "
+                        "F0, formants, tempo, room, microphone, noise), encoded by the codec and cached beside the "
+                        "token cache; each step reads one rendering at random (0: off)")
+    p.add_argument("--augment_workers", type=int, default=0,
+                   help="processes rendering those copies (0: the CPU count, at most 16)")
     p.add_argument("--max_input_seconds", type=float, default=20.0, help="pairs with a longer user turn are skipped")
     p.add_argument("--max_reply_seconds", type=float, default=15.0, help="pairs with a longer reply are skipped")
     p.add_argument("--token_cache", default=None, help="token cache folder (default: <data_dir>/token_cache)")
@@ -261,6 +275,59 @@ def build_token_cache(wavs: list[str], cache_dir: Path, codec_path: Path, ctx, l
     return {w: cache[keys[w]] for w in wavs}
 
 
+def perturb_voice(wav: np.ndarray, seed: int) -> np.ndarray:
+    """A new pseudo-speaker and channel for one user turn, in the audio domain, with the corpus's
+    own transforms: change_voice (formant ratio 0.88-1.18, median F0 90-260 Hz, F0 range
+    0.8-1.25, tempo 0.88-1.14), then a random room, microphone EQ, noise and level (augment)."""
+    from make_telugu_speech import augment, augmentation_params, change_voice
+
+    rng = np.random.default_rng(seed)
+    wav = change_voice(wav, pitch_hz=float(rng.uniform(90, 260)), pitch_range=float(rng.uniform(0.8, 1.25)),
+                       formant_ratio=float(rng.uniform(0.88, 1.18)), tempo=float(rng.uniform(0.88, 1.14)))
+    return augment(wav, augmentation_params(seed), seed)
+
+
+_WORKER_CODEC = None  # one codec per rendering process, loaded on its first job
+
+
+def _perturbed_codes(job: tuple[str, int, str]) -> torch.Tensor:
+    path, seed, codec_path = job
+    from telugu_codec import TeluCodec
+
+    global _WORKER_CODEC
+    if _WORKER_CODEC is None:
+        torch.set_num_threads(1)
+        _WORKER_CODEC = TeluCodec.from_pretrained(codec_path).eval()
+    wav = perturb_voice(load_audio(path), seed)
+    with torch.no_grad():
+        return _WORKER_CODEC.encode(torch.from_numpy(wav)[None, None])[0].short()  # (K, F)
+
+
+def perturbed_code_copies(paths: list[str], copies: int, codec_path: Path, cache: Path, workers: int,
+                          log=print) -> list[list[torch.Tensor]]:
+    """`copies` perturb_voice renderings of each WAV, as codec token ids (K, F) int16: one list per
+    path. Cached in `cache` (keyed by path and copy; each copy's seed comes from the file name and
+    the copy's number), so a rerun with the same files and codec renders nothing."""
+    import multiprocessing as mp
+    import zlib
+
+    done: dict = torch.load(cache) if cache.is_file() else {}
+    jobs = [(p, zlib.crc32(f"{Path(p).name}|{c}".encode()), str(codec_path)) for p in paths for c in range(copies)]
+    todo = [j for j in jobs if (j[0], j[1]) not in done]
+    if todo:
+        log(f"rendering {len(todo)} perturbed copies of training questions through the codec ({workers} processes)")
+        start = time.time()
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for n, (job, codes) in enumerate(zip(todo, pool.imap(_perturbed_codes, todo, chunksize=8)), 1):
+                done[(job[0], job[1])] = codes
+                if n % 5000 == 0 or n == len(todo):
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(done, cache.with_suffix(".partial"))
+                    cache.with_suffix(".partial").replace(cache)
+                    log(f"  {n} of {len(todo)} ({time.time() - start:.0f} s)")
+    return [[done[(j[0], j[1])] for j in jobs[i * copies : (i + 1) * copies]] for i in range(len(paths))]
+
+
 @dataclass
 class Example:
     input: torch.Tensor  # (K, F_in) int16
@@ -270,9 +337,13 @@ class Example:
     history: list  # [(role, codes (K, F)), ...] oldest first
     # (L,) text_to_ids of the user turn; empty when the pair has no transcript
     input_text: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    # other renderings of the user turn (--input_augment_copies): (K, F') int16 each
+    input_variants: list = field(default_factory=list)
 
 
-def make_examples(pairs, codes, cfg: S2SConfig, max_input_frames: int, max_reply_frames: int) -> tuple[list[Example], int]:
+def make_examples(pairs, codes, cfg: S2SConfig, max_input_frames: int, max_reply_frames: int,
+                  variants: dict[str, list[torch.Tensor]] | None = None) -> tuple[list[Example], int]:
+    """Pairs -> Examples of codes; `variants` maps a user turn's WAV to other renderings of it."""
     examples, skipped = [], 0
     for pair in pairs:
         x, y = codes[pair["input"]], codes[pair["target"]]
@@ -281,7 +352,9 @@ def make_examples(pairs, codes, cfg: S2SConfig, max_input_frames: int, max_reply
             continue
         turns = [t for u, a in pair["history"] for t in ((ROLE_USER, codes[u]), (ROLE_AGENT, codes[a]))]
         text = torch.tensor(text_to_ids(pair.get("input_text", "")), dtype=torch.long)
-        examples.append(Example(x, y, pair["speaker_id"], pair["emotion_id"], turns[-cfg.max_context_turns :], text))
+        others = [v for v in (variants or {}).get(pair["input"], []) if v.shape[1] <= max_input_frames]
+        examples.append(Example(x, y, pair["speaker_id"], pair["emotion_id"], turns[-cfg.max_context_turns :], text,
+                                others))
     return examples, skipped
 
 
@@ -332,9 +405,13 @@ def pad_stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
-def collate(examples: list[Example], indices: list[int], device) -> Batch:
+def collate(examples: list[Example], indices: list[int], device, pick: np.random.Generator | None = None) -> Batch:
+    """A batch of examples; with `pick`, each user turn is one of its renderings (the original or
+    an input_variant), drawn uniformly."""
     items = [examples[i] for i in indices]
-    codes, in_len = pad_stack([e.input for e in items])
+    inputs = [e.input if pick is None or not e.input_variants
+              else ([e.input] + e.input_variants)[int(pick.integers(1 + len(e.input_variants)))] for e in items]
+    codes, in_len = pad_stack(inputs)
     target, out_len = pad_stack([e.target for e in items])
     context = None
     if any(e.history for e in items):
@@ -461,7 +538,7 @@ def build_config(args, checkpoint: dict | None, init_config: dict | None = None)
 
 
 # Heads that only some configs have (encoder_ctc_weight > 0): --init_from may add or drop them.
-OPTIONAL_HEADS = ("text_head.",)
+OPTIONAL_HEADS = ("text_head.", "codec_embed.")  # parts a config may add or drop; codec_embed is reloaded
 
 
 def load_init_state(model: TeluguS2STransformer, state: dict, exclude: list[str]) -> list[str]:
@@ -550,7 +627,19 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
     cache_root = Path(args.token_cache) if args.token_cache else data_dir / "token_cache"
     codes = build_token_cache(wavs, cache_root / codec_identity(codec_path), codec_path, ctx, log)
     max_in, max_out = int(args.max_input_seconds * cfg.codec_frame_rate), int(args.max_reply_seconds * cfg.codec_frame_rate)
-    train_set, skipped_train = make_examples(train_pairs, codes, cfg, max_in, max_out)
+    variants = None
+    if args.input_augment_copies:
+        turns = sorted({p["input"] for p in train_pairs})
+        cache = cache_root / codec_identity(codec_path) / "perturbed.pt"
+        workers = args.augment_workers or min(16, os.cpu_count() or 1)
+        if ctx.is_main:  # renders what is missing; the other ranks then read the cache
+            copies = perturbed_code_copies(turns, args.input_augment_copies, codec_path, cache, workers, log)
+        if ctx.enabled:
+            dist.barrier()
+        if not ctx.is_main:
+            copies = perturbed_code_copies(turns, args.input_augment_copies, codec_path, cache, workers, log)
+        variants = dict(zip(turns, copies))
+    train_set, skipped_train = make_examples(train_pairs, codes, cfg, max_in, max_out, variants)
     val_set, skipped_val = make_examples(val_pairs, codes, cfg, max_in, max_out)
     if not train_set or not val_set:
         raise ValueError(f"no pairs left after skipping those over --max_input_seconds / --max_reply_seconds "
@@ -584,6 +673,10 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
             fresh = load_init_state(model, init_state, exclude)
             kept = f", {len(fresh)} tensors fresh ({', '.join(sorted({k.split('.')[0] for k in fresh}))})" if fresh else ""
             log(f"weights from {args.init_from}{kept}; fresh optimizer and schedule")
+        if model.codec_embed is not None:  # the encoder reads the codes through this codec's own vectors
+            from telugu_codec import TeluCodec
+
+            model.load_codec_vectors(TeluCodec.from_pretrained(codec_path, map_location=ctx.device))
         seed_everything(args.seed + ctx.rank)  # different dropout per rank
     init_from = checkpoint.get("init_from") if checkpoint is not None else args.init_from
     if checkpoint is not None and args.precision == "auto":
@@ -665,7 +758,9 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
             lr = lr_at(step, args.learning_rate, warmup, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            out = run_model(model, collate(train_set, batches[step_in_epoch], ctx.device), autocast)
+            # the renderings drawn depend on (seed, epoch, batch, rank) only: a resumed run draws the same
+            pick = np.random.default_rng([args.seed, epoch, step_in_epoch, ctx.rank]) if variants else None
+            out = run_model(model, collate(train_set, batches[step_in_epoch], ctx.device, pick), autocast)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)

@@ -183,5 +183,7 @@ def test_main_codes_augmented_renders_cached_copies(tmp_path, capsys):
     assert "rendering" not in capsys.readouterr().out and report["augment_copies"] == 2
     assert (tmp_path / "out" / "latent_augmented_test.json").is_file()
     wav = np.sin(2 * np.pi * 220 * np.arange(SAMPLE_RATE) / SAMPLE_RATE).astype(np.float32) * 0.3
-    a, b = probe_intent.perturb_voice(wav, 3), probe_intent.perturb_voice(wav, 3)
-    assert np.array_equal(a, b) and not np.array_equal(a, probe_intent.perturb_voice(wav, 4))
+    from train_s2s import perturb_voice
+
+    a, b = perturb_voice(wav, 3), perturb_voice(wav, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, perturb_voice(wav, 4))

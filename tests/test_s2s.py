@@ -449,3 +449,46 @@ def test_decoder_input_dropout_acts_in_training_only():
     assert torch.equal(model(codes, target, ids, ids).loss, model(codes, target, ids, ids).loss)
     with pytest.raises(ValueError, match="decoder_input_dropout"):
         S2SConfig.preset("tiny", decoder_input_dropout=1.0)
+
+
+class FakeCodec:
+    """What load_codec_vectors reads of a TeluCodec: quantizer.inference_tables()["decoded"]."""
+
+    def __init__(self, table):
+        self.quantizer = type("Q", (), {"inference_tables": lambda _self: {"decoded": table}})()
+
+
+def test_codec_encoder_input_reads_the_codecs_vectors(tmp_path):
+    """encoder_input "codec": the encoder reads the codec's latent for the codes (a frozen table,
+    not a parameter), refuses to run before the table is loaded, streams as it encodes offline,
+    and the table travels with the saved model."""
+    cfg = tiny_config(encoder_input="codec", codec_latent_dim=6)
+    model = make_model(cfg)
+    codes = random_codes(cfg, 2, 23, 3)
+    with pytest.raises(RuntimeError, match="load_codec_vectors"):
+        model.encode(codes)
+    table = torch.randn(cfg.n_codebooks, cfg.codebook_size, 6, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="codec_latent_dim"):
+        model.load_codec_vectors(FakeCodec(table[..., :4]))
+    model.load_codec_vectors(FakeCodec(table))
+    assert "codec_embed.table" not in dict(model.named_parameters())  # frozen: no optimizer touches it
+    with torch.no_grad():
+        offline = model.encode(codes)
+        # each step: the codec's latent of its frames (the codebooks' vectors summed), scaled, projected
+        padded = pad_to_steps(codes, cfg.frames_per_step)
+        latents = table[torch.arange(cfg.n_codebooks)[None, :, None], padded].sum(1) / model.codec_embed.scale  # (B, F, 6)
+        steps = latents.reshape(2, -1, cfg.frames_per_step * 6)
+        assert torch.allclose(model.codec_embed(padded), model.codec_embed.proj(steps), atol=1e-6)
+        stream = model.encoder_stream(batch_size=2)
+        for start in range(0, 23, 5):
+            stream.push(codes[..., start : start + 5])
+        assert torch.allclose(stream.finish().vectors, offline.vectors, atol=1e-5)
+    model.save(tmp_path / "m")
+    loaded = TeluguS2STransformer.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.codec_embed.table, model.codec_embed.table)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode(codes).vectors, offline.vectors, atol=1e-6)
+    with pytest.raises(ValueError, match="codec_latent_dim"):
+        tiny_config(encoder_input="codec")
+    with pytest.raises(ValueError, match="no codec vectors"):
+        make_model(tiny_config()).load_codec_vectors(FakeCodec(table))

@@ -84,6 +84,39 @@ def test_resume_equals_uninterrupted(corpus, tmp_path):
     assert a["model_state"]["bos"].ne(stopped["model_state"]["bos"]).any()  # and it did train on
 
 
+def test_codec_input_and_augmented_turns_resume_exactly(corpus, tmp_path, capsys):
+    """encoder_input "codec" (the table comes from the run's codec) with --input_augment_copies:
+    each training user turn is rendered once more (cached beside the token cache), the steps draw
+    renderings reproducibly, so a resumed run still equals an uninterrupted one."""
+    from telugu_codec import TeluCodec
+
+    write_json(tmp_path / "config.json", {"dropout": 0.1, "encoder_input": "codec", "codec_latent_dim": 16})
+    extra = ["--config", str(tmp_path / "config.json"), "--token_cache", str(tmp_path / "tc"),
+             "--input_augment_copies", "1", "--augment_workers", "1", "--num_epochs", "2"]
+    train_s2s.main(args_for(corpus, tmp_path / "a", *extra))
+    assert "rendering 6 perturbed copies" in capsys.readouterr().out  # 6 distinct training user turns
+    train_s2s.main(args_for(corpus, tmp_path / "b", *extra, "--max_steps", "5"))
+    assert "rendering" not in capsys.readouterr().out  # cached
+    train_s2s.main(args_for(corpus, tmp_path / "b", *extra, "--resume"))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for name, tensor in a["model_state"].items():
+        assert torch.equal(tensor, b["model_state"][name]), name
+    codec = TeluCodec.from_pretrained(corpus / "codec" / "best_codec.pt")
+    assert torch.equal(a["model_state"]["codec_embed.table"], codec.quantizer.inference_tables()["decoded"])
+    assert len(list((tmp_path / "tc").rglob("perturbed.pt"))) == 1
+
+
+def test_collate_draws_renderings_of_the_user_turn():
+    k = 8
+    original, other = torch.zeros(k, 5, dtype=torch.int16), torch.ones(k, 7, dtype=torch.int16)
+    ex = train_s2s.Example(original, torch.zeros(k, 4, dtype=torch.int16), 0, 0, [], input_variants=[other])
+    assert train_s2s.collate([ex], [0], "cpu").codes.sum() == 0  # validation: always the original
+    pick = np.random.default_rng(0)
+    drawn = [int(train_s2s.collate([ex], [0], "cpu", pick).input_lengths[0]) for _ in range(40)]
+    assert set(drawn) == {5, 7}
+
+
 def test_outputs_checkpoints_and_shipped_model(corpus, tmp_path):
     out = tmp_path / "run"
     train_s2s.main(args_for(corpus, out, "--num_epochs", "1"))
