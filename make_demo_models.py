@@ -141,9 +141,10 @@ def install(src: Path, out_dir: Path) -> None:
     src.rmdir()
 
 
-def claim_s2s_run(s2s_run: Path, codec_sha: str, batch_size: int) -> None:
-    """Tie the S2S run to the codec whose tokens it learns and to its batch size; refuse to
-    continue it on another codec's tokens or with another batch (resume would not be exact)."""
+def claim_s2s_run(s2s_run: Path, codec_sha: str, batch_size: int, overrides: dict) -> None:
+    """Tie the S2S run to the codec whose tokens it learns, its batch size and its model overrides;
+    refuse to continue it on another codec's tokens, with another batch (resume would not be
+    exact) or after the recipe's overrides changed (a resumed run keeps its own config)."""
     trained_on = s2s_run / "codec.sha256"
     last = s2s_run / "last.pt"
     if last.is_file():
@@ -155,6 +156,10 @@ def claim_s2s_run(s2s_run: Path, codec_sha: str, batch_size: int) -> None:
         if saved is not None and int(saved) != batch_size:
             raise SystemExit(f"{s2s_run} trains with batch size {saved}; --s2s_batch_size {batch_size} would not "
                              f"continue it exactly. Pass --s2s_batch_size {saved}, or move {s2s_run} away")
+        recorded = s2s_run / "overrides.json"
+        if recorded.is_file() and read_json(recorded) != overrides:
+            raise SystemExit(f"{s2s_run} trains a model with overrides {read_json(recorded)}; the recipe now says "
+                             f"{overrides}, which a resumed run would not apply. Move {s2s_run} away to train anew")
     else:
         (s2s_run / "s2s_best.pt").unlink(missing_ok=True)  # a stale best from an earlier run must not ship
     s2s_run.mkdir(parents=True, exist_ok=True)
@@ -307,7 +312,7 @@ def main(argv=None) -> None:
 
     # 4. S2S on the exported codec's tokens
     s2s_last = s2s_run / "last.pt"
-    claim_s2s_run(s2s_run, codec_sha, args.s2s_batch_size)
+    claim_s2s_run(s2s_run, codec_sha, args.s2s_batch_size, S2S_OVERRIDES)
     write_json(s2s_run / "overrides.json", S2S_OVERRIDES)
     done = checkpoint_step(s2s_last)
     stage_flags = S2S_FLAGS if not args.continue_shipped else \

@@ -100,14 +100,18 @@ def test_wall_seconds_and_the_codec_guard(tmp_path):
     run = tmp_path / "s2s_demo"
     run.mkdir()
     (run / "s2s_best.pt").write_bytes(b"stale")
-    make_demo_models.claim_s2s_run(run, "a" * 64, 8)
+    recipe = {"dropout": 0.0}
+    make_demo_models.claim_s2s_run(run, "a" * 64, 8, recipe)
     assert not (run / "s2s_best.pt").exists()  # a best model without its run must not be shipped
     torch.save({"step": 100, "args": {"batch_size": 8}}, run / "last.pt")
-    make_demo_models.claim_s2s_run(run, "a" * 64, 8)  # the same codec and batch: fine
+    (run / "overrides.json").write_text(json.dumps(recipe))
+    make_demo_models.claim_s2s_run(run, "a" * 64, 8, recipe)  # the same codec, batch and overrides: fine
     with pytest.raises(SystemExit, match="another codec"):
-        make_demo_models.claim_s2s_run(run, "b" * 64, 8)
+        make_demo_models.claim_s2s_run(run, "b" * 64, 8, recipe)
     with pytest.raises(SystemExit, match="--s2s_batch_size 8"):
-        make_demo_models.claim_s2s_run(run, "a" * 64, 16)
+        make_demo_models.claim_s2s_run(run, "a" * 64, 16, recipe)
+    with pytest.raises(SystemExit, match="would not apply"):  # the recipe changed since the run began
+        make_demo_models.claim_s2s_run(run, "a" * 64, 8, {"dropout": 0.1})
 
 
 def test_export_refuses_files_git_should_not_hold(tmp_path, monkeypatch):
