@@ -306,26 +306,28 @@ def _perturbed_codes(job: tuple[str, int, str]) -> torch.Tensor:
 def perturbed_code_copies(paths: list[str], copies: int, codec_path: Path, cache: Path, workers: int,
                           log=print) -> list[list[torch.Tensor]]:
     """`copies` perturb_voice renderings of each WAV, as codec token ids (K, F) int16: one list per
-    path. Cached in `cache` (keyed by path and copy; each copy's seed comes from the file name and
-    the copy's number), so a rerun with the same files and codec renders nothing."""
+    path. Cached in `cache`, keyed like the token cache (path, size, mtime: a changed file is
+    rendered again) and by the copy's seed (from the file name and the copy's number), so a rerun
+    with the same files and codec renders nothing."""
     import multiprocessing as mp
     import zlib
 
     done: dict = torch.load(cache) if cache.is_file() else {}
     jobs = [(p, zlib.crc32(f"{Path(p).name}|{c}".encode()), str(codec_path)) for p in paths for c in range(copies)]
-    todo = [j for j in jobs if (j[0], j[1]) not in done]
+    keys = {p: wav_key(p) for p in paths}
+    todo = [j for j in jobs if (keys[j[0]], j[1]) not in done]
     if todo:
-        log(f"rendering {len(todo)} perturbed copies of training questions through the codec ({workers} processes)")
+        log(f"rendering {len(todo)} perturbed copies of user turns through the codec ({workers} processes)")
         start = time.time()
         with mp.get_context("spawn").Pool(workers) as pool:
             for n, (job, codes) in enumerate(zip(todo, pool.imap(_perturbed_codes, todo, chunksize=8)), 1):
-                done[(job[0], job[1])] = codes
+                done[(keys[job[0]], job[1])] = codes
                 if n % 5000 == 0 or n == len(todo):
                     cache.parent.mkdir(parents=True, exist_ok=True)
                     torch.save(done, cache.with_suffix(".partial"))
                     cache.with_suffix(".partial").replace(cache)
                     log(f"  {n} of {len(todo)} ({time.time() - start:.0f} s)")
-    return [[done[(j[0], j[1])] for j in jobs[i * copies : (i + 1) * copies]] for i in range(len(paths))]
+    return [[done[(keys[j[0]], j[1])] for j in jobs[i * copies : (i + 1) * copies]] for i in range(len(paths))]
 
 
 @dataclass

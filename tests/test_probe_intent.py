@@ -1,6 +1,7 @@
 """probe_intent.py: the splits, the text ceiling, the augmentation and a classifier that learns."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -175,9 +176,13 @@ def test_main_codes_augmented_renders_cached_copies(tmp_path, capsys):
     assert len(copies) == 24 and all(c.shape[0] == codec.n_codebooks for c in copies.values())
     train = [r for r in rows["train"] if r["role"] == "user" and r["intent_id"]]
     paths = {str(tmp_path / r["path"]) for r in train}
-    assert {path for path, _ in copies} == paths
+    assert {key.split("|")[0] for key, _ in copies} == paths  # keyed like the token cache: path|size|mtime
     probe_intent.main(args)
     assert "rendering" not in capsys.readouterr().out
+    changed = tmp_path / train[0]["path"]
+    os.utime(changed, ns=(changed.stat().st_mtime_ns + 10**9,) * 2)  # a rebuilt file: rendered again
+    probe_intent.main(args)
+    assert "rendering 2 perturbed copies" in capsys.readouterr().out
     # the latent reads the same cached copies, through the codec's codebooks
     report = probe_intent.main([a if a != "codes" else "latent" for a in args])
     assert "rendering" not in capsys.readouterr().out and report["augment_copies"] == 2
