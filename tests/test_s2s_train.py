@@ -274,13 +274,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_gloo_processes(corpus, tmp_path):
+@pytest.mark.parametrize("augmented", [False, True])
+def test_ddp_two_gloo_processes(corpus, tmp_path, augmented):
+    """Two gloo processes; with codec input and perturbed renderings, rank 0 renders them and the
+    other rank reads them from the cache."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    extra = []
+    if augmented:
+        write_json(tmp_path / "config.json", {"dropout": 0.1, "encoder_input": "codec", "codec_latent_dim": 16})
+        extra = ["--config", str(tmp_path / "config.json"), "--token_cache", str(tmp_path / "tc"),
+                 "--input_augment_copies", "1", "--augment_workers", "1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "train_s2s.py"), *args_for(corpus, out, "--num_epochs", "2", "--device", "cpu")]
+           str(ROOT / "train_s2s.py"), *args_for(corpus, out, "--num_epochs", "2", "--device", "cpu", *extra)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("rendering 6 perturbed copies") == (1 if augmented else 0)
     last = torch.load(out / "last.pt", weights_only=True)
     # 8 pairs, 2 per process, 2 processes: 2 steps per epoch (each rank its own half of every step)
     assert last["step"] == 4 and len(last["rng_per_rank"]) == 2
