@@ -50,10 +50,10 @@ import numpy as np
 import torch
 
 import audio_metrics
-from audio_io import PAIRS_FILES, SPLITS, load_audio, read_json, read_manifest, save_audio, write_json
+from audio_io import PAIRS_FILES, SPLITS, atomic_write, load_audio, read_json, read_manifest, save_audio, write_json
 from config import DEMO_MODEL_DIR, EMOTIONS, SAMPLE_RATE, add_workspace_arg, workspace_from_args
 from prosody import prosody_signature, semitones
-from s2s_transformer import ROLE_AGENT, ROLE_USER, ContextTurns, TeluguS2STransformer
+from s2s_transformer import ROLE_AGENT, ROLE_USER, ContextTurns, TeluguS2STransformer, reply_words
 from telugu_codec import TeluCodec
 from training import weight_files
 
@@ -351,16 +351,20 @@ class Agent:
         return self.codec.decode(self.codes(path)[None].to(self.device))[0, 0].float().cpu().numpy()
 
     @torch.inference_mode()
-    def reply(self, pair: dict, seed: int) -> np.ndarray:
-        """The decoded reply (T,) to one pair, one conversation at a time as in the server."""
+    def reply(self, pair: dict, seed: int) -> tuple[np.ndarray, str | None]:
+        """The decoded reply (T,) to one pair, one conversation at a time as in the server, and
+        the words the model wrote before speaking (None without an inner monologue)."""
         torch.manual_seed(seed)
         codes = self.codes(pair["input_path"])[None].to(self.device)
+        texts: list[list[str]] = []
         out = self.s2s.generate(codes, torch.tensor([pair["speaker_id"]], device=self.device),
                                 torch.tensor([pair["emotion_id"]], device=self.device), max_new_tokens=self.max_steps,
-                                context=self.context([pair]), temperature=self.temperature, top_k=self.top_k or None)[0]
+                                context=self.context([pair]), temperature=self.temperature, top_k=self.top_k or None,
+                                on_text=texts.append)[0]
+        text = texts[0][0] if texts else None
         if out.shape[1] == 0:
-            return np.zeros(0, np.float32)
-        return self.codec.decode(out[None].to(self.device))[0, 0].float().cpu().numpy()
+            return np.zeros(0, np.float32), text
+        return self.codec.decode(out[None].to(self.device))[0, 0].float().cpu().numpy(), text
 
 
 def cache_key(model_dir: Path, args) -> str:
@@ -373,17 +377,22 @@ def cache_key(model_dir: Path, args) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_reply(path: Path, make) -> tuple[np.ndarray, bool]:
-    """The reply stored at `path` (.npy, float32 as made), else make() and store it atomically.
-    Returns (reply, whether it came from the cache)."""
+def cached_reply(path: Path, make) -> tuple[np.ndarray, str | None, bool]:
+    """The reply stored at `path` (.npy, float32 as made; its words, if any, beside it in .txt),
+    else make() -> (wav, text) and store it atomically, the words first (the .npy marks a finished
+    reply). Returns (reply, text, whether it came from the cache)."""
+    words = path.with_suffix(".txt")
     if path.is_file():
-        return np.load(path), True
-    wav = make()
+        return np.load(path), (words.read_text(encoding="utf-8") if words.is_file() else None), True
+    wav, text = make()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if text is not None:
+        with atomic_write(words) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     tmp = path.with_name(path.stem + ".partial.npy")
     np.save(tmp, wav)
     os.replace(tmp, path)
-    return wav, False
+    return wav, text, False
 
 
 # --------------------------------------------------------------------------------------
@@ -439,11 +448,14 @@ def main(argv=None) -> dict:
         rows = []
         for i, p in enumerate(items):
             pair_id = hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12]
-            wav, hit = cached_reply(
+            wav, text, hit = cached_reply(
                 cache / f"{group}_{i:04d}_{pair_id}.npy",
-                lambda: agent.round_trip(p["target_path"]) if args.oracle else agent.reply(p, seed=args.seed + i))
+                lambda: (agent.round_trip(p["target_path"]), None) if args.oracle else agent.reply(p, seed=args.seed + i))
             reused += hit
-            rows.append({**score_reply(wav, p, refs, kind), "wav": wav})
+            row = score_reply(wav, p, refs, kind)
+            if text is not None:  # the words the model wrote: the answer it chose, before any audio metric
+                row.update(reply_text=text, text_match=reply_words(text) == reply_words(p["target_text"]))
+            rows.append({**row, "wav": wav})
             if saved < args.save_wavs:
                 name = f"{group}_{len(rows):03d}_{p['intent_id']}_{p['voice']}_{p['emotion']}.wav"
                 save_audio(out / "replies" / name, wav if len(wav) else np.zeros(160, np.float32))
@@ -466,6 +478,8 @@ def main(argv=None) -> dict:
                          "chance": round(float(np.mean([1 / max(r["candidates"], 1) for r in rows])), 4) if rows else None,
                          "capped": sum(r["reply_s"] >= args.max_reply_s - 0.02 for r in rows),
                          "median_reply_s": round(float(np.median([r["reply_s"] for r in rows])), 3) if rows else None}
+        if rows and "text_match" in rows[0]:
+            report[group]["text_accuracy"] = round(float(np.mean([r["text_match"] for r in rows])), 4)
     by_voice = defaultdict(list)
     for r in first:
         by_voice[r["voice"]].append(r)
@@ -537,6 +551,9 @@ def markdown(r: dict) -> str:
             capped = f"; {g['capped']} cut at {r['max_reply_s']:g} s" if g.get("capped") else ""
             lines.append(f"| {label} | {100 * g['accuracy']:.1f}% (top-5 {100 * g['top5']:.1f}%) of {g['n']}{capped} | "
                          f"chance {100 * g['chance']:.1f}%; {target} |")
+            if "text_accuracy" in g:
+                lines.append(f"| the same, by the words the model wrote before speaking (inner monologue) | "
+                             f"{100 * g['text_accuracy']:.1f}% of {g['n']} | - |")
     lines.append(f"| voices told apart in replies | {100 * r['voices']['accuracy']:.1f}% of {r['voices']['n']} | >= 95% |")
     c = r["codec"]
     lines.append(f"| codec PESQ-WB / STOI / SNR | {c.get('pesq_wb', float('nan')):.2f} / {c.get('stoi', float('nan')):.3f} / "

@@ -76,11 +76,15 @@ CODEC_FLAGS = ["--preset", "demo", "--batch_size", "8", "--learning_rate", "1e-3
 # read in voices training never heard, the encoder reading the codes through the codec's own vectors
 # and every training question also rendered in 3 new pseudo-voices (README: a 10-intent run reads
 # held-out voices with CER 46% this way at 600 steps, 87% with learned code embeddings).
+# And the inner monologue: the decoder writes the reply's words before it speaks them (README: the
+# words are what the question decides, and the speech after them reads its content off them).
 S2S_OVERRIDES = {"dropout": 0.0, "encoder_ctc_weight": 0.5, "decoder_input_dropout": 0.3,
-                 "encoder_input": "codec", "codec_latent_dim": CodecConfig.preset("demo").latent_dim}
+                 "encoder_input": "codec", "codec_latent_dim": CodecConfig.preset("demo").latent_dim,
+                 "reply_text_weight": 1.0}
+AUGMENT_FLAGS = ["--input_augment_copies", "3"]  # for a model whose encoder reads the codec's vectors
 S2S_FLAGS = ["--preset", "demo", "--num_epochs", "30", "--learning_rate", "5e-4", "--warmup_steps", "200",
              "--eval_every", "500", "--save_every", "100", "--max_val_batches", "25", "--experiment_name", "s2s_demo",
-             "--input_augment_copies", "3"]
+             *AUGMENT_FLAGS]
 # Continuing the shipped S2S model (--continue_shipped): a stage of its own, --s2s_steps long, with a
 # fresh optimizer, a short warm-up and a cosine decay that ends with the stage (a warm restart);
 # --schedule_steps and --max_steps set its length, --num_epochs only bounds the data loop.
@@ -202,6 +206,10 @@ def parse_args(argv=None):
     p.add_argument("--s2s_init_exclude", default="",
                    help="with --continue_shipped: parameter-name prefixes left at a fresh init (train_s2s.py "
                         "--init_exclude), e.g. 'encoder.' to retrain a collapsed encoder")
+    p.add_argument("--adopt_recipe", action="store_true",
+                   help="with --continue_shipped: train the stage under the current recipe's S2S_OVERRIDES instead of "
+                        "those the card records (parts the recipe adds, such as the inner monologue's word head, "
+                        "start fresh; name others with --s2s_init_exclude)")
     p.add_argument("--new_s2s", action="store_true",
                    help="train a new S2S model from scratch (the current recipe) on the shipped codec's tokens, "
                         "to --s2s_steps of the recipe's schedule; resumes its run (runs/s2s_demo_on_<codec sha>)")
@@ -261,6 +269,8 @@ def main(argv=None) -> None:
     previous = read_json(card_path) if card_path.is_file() else {}
     if args.new_s2s and (args.continue_shipped or args.evaluate_only):
         raise SystemExit("--new_s2s trains a new S2S model from scratch: leave out --continue_shipped / --evaluate_only")
+    if (args.adopt_recipe or args.s2s_init_exclude) and not args.continue_shipped:
+        raise SystemExit("--adopt_recipe and --s2s_init_exclude change a --continue_shipped stage: add --continue_shipped")
     if (args.continue_shipped or args.evaluate_only) and not card_describes(out, previous):
         flag, instead = (("--continue_shipped", "train from scratch without --continue_shipped") if args.continue_shipped
                          else ("--evaluate_only", "run the full recipe, which evaluates what it ships"))
@@ -318,14 +328,17 @@ def main(argv=None) -> None:
 
     # 4. S2S on the exported codec's tokens
     s2s_last = s2s_run / "last.pt"
-    # a continued model keeps the overrides it was trained with; a new one takes the recipe's
-    overrides = s2s_stages(previous)[-1]["overrides"] if args.continue_shipped else S2S_OVERRIDES
+    # a continued model keeps the overrides it was trained with (unless it adopts the recipe's); a new
+    # one takes the recipe's
+    keep = args.continue_shipped and not args.adopt_recipe
+    overrides = s2s_stages(previous)[-1]["overrides"] if keep else S2S_OVERRIDES
     claim_s2s_run(s2s_run, codec_sha, args.s2s_batch_size, overrides)
     write_json(s2s_run / "overrides.json", overrides)
     done = checkpoint_step(s2s_last)
     stage_flags = S2S_FLAGS if not args.continue_shipped else \
         CONTINUE_FLAGS + ["--schedule_steps", str(args.s2s_steps), "--init_from", evaluate_agent.shown(str(out / "s2s"))] \
-        + (["--init_exclude", args.s2s_init_exclude] if args.s2s_init_exclude else [])
+        + (["--init_exclude", args.s2s_init_exclude] if args.s2s_init_exclude else []) \
+        + (AUGMENT_FLAGS if overrides.get("encoder_input") == "codec" else [])
     if done < args.s2s_steps:
         resume = ["--resume", str(s2s_last)] if done else []
         threads = ["--threads", str(args.threads)] if args.threads else []
@@ -352,7 +365,8 @@ def main(argv=None) -> None:
              "val_loss": float(best_ckpt.get("val_loss", float("nan"))),
              "val_accuracy": float(best_ckpt.get("metrics", {}).get("val_accuracy", float("nan"))),
              **{k: float(v) for k, v in best_ckpt.get("metrics", {}).items()
-                if k in ("val_input_gain", "val_cer", "train_input_gain", "train_cer")},
+                if k in ("val_input_gain", "val_cer", "train_input_gain", "train_cer", "val_reply_text_exact",
+                         "train_reply_text_exact", "val_text_input_gain")},
              "train_seconds": round(wall_seconds(s2s_run / "s2s_demo.jsonl", "seconds")), "machine": machine}
     stages = s2s_stages(previous) + [stage] if args.continue_shipped else [stage]
     if codec_run is None:
@@ -399,6 +413,8 @@ def stage_line(i: int, st: dict) -> str:
             + (f", question text CER {100 * st['val_cer']:.0f}%" if "val_cer" in st else "")
             + (f"; on training pairs: input gain {st['train_input_gain']:.5f} nats" if "train_input_gain" in st else "")
             + (f", question text CER {100 * st['train_cer']:.0f}%" if "train_cer" in st else "")
+            + (f"; reply words all right (teacher forced) in {100 * st['val_reply_text_exact']:.0f}% of validation "
+               f"and {100 * st['train_reply_text_exact']:.0f}% of training pairs" if "val_reply_text_exact" in st else "")
             + ") of "
             f"`train_s2s.py {' '.join(st['flags'])}` with overrides {st['overrides']}, {st['precision']}, "
             f"~{st['train_seconds'] / 3600:.1f} h on {st['machine']}.")

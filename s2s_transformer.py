@@ -142,6 +142,14 @@ class S2SConfig:
     encoder_input: str = "embedding"
     codec_latent_dim: int = 0  # the codec's latent width, for encoder_input "codec"
     decoder_input_dropout: float = 0.0  # training only: drop this share of the reply's input steps
+    # Inner monologue (Moshi's, as a prefix): the decoder first writes the reply's words, then speaks.
+    # Words are a small, content-only target, so predicting them forces the decoder to read the
+    # question, and the speech after them reads its content off them (self-attention) instead of
+    # out of the question's codes. 0: speech only. reply_vocab: the words (train_s2s.py builds it
+    # from the training pairs' target_text); a reply is cut at max_reply_words.
+    reply_text_weight: float = 0.0
+    reply_vocab: list[str] = field(default_factory=list)
+    max_reply_words: int = 24
     rope_base: float = 10000.0
     use_flash_attn: bool = False  # flash_attn where it computes the same as SDPA; SDPA otherwise
 
@@ -152,6 +160,7 @@ class S2SConfig:
     encoder_ffn_dim: int = field(init=False)
     n_depth_heads: int = field(init=False)
     n_turn_slots: int = field(init=False)  # memory turn slots: 2 roles x (max_context_turns + 1) ages
+    n_reply_tokens: int = field(init=False)  # REPLY_FIRST + len(reply_vocab)
     step_ms: float = field(init=False)
     flash: bool = field(init=False)  # use_flash_attn and flash_attn importable
 
@@ -185,6 +194,14 @@ class S2SConfig:
                              "the demo codec)")
         if not 0.0 <= self.decoder_input_dropout < 1.0:
             raise ValueError("decoder_input_dropout must be in [0, 1)")
+        if self.reply_text_weight < 0 or self.max_reply_words < 1:
+            raise ValueError("reply_text_weight must be >= 0 (0: no inner monologue) and max_reply_words >= 1")
+        if self.reply_text_weight > 0 and not self.reply_vocab:
+            raise ValueError("reply_text_weight > 0 needs reply_vocab, the reply words: train_s2s.py builds it from "
+                             "the training pairs' target_text (build_reply_vocab)")
+        if len(set(self.reply_vocab)) != len(self.reply_vocab) or any(not w or w != w.strip() for w in self.reply_vocab):
+            raise ValueError("reply_vocab must hold distinct words without spaces (build_reply_vocab makes one)")
+        self.n_reply_tokens = REPLY_FIRST + len(self.reply_vocab)
         self.n_turn_slots = 2 * (self.max_context_turns + 1)
         self.step_ms = 1000.0 * self.frames_per_step / self.codec_frame_rate
         self.flash = self.use_flash_attn and flash_attn_available()
@@ -252,6 +269,33 @@ def ctc_best_path(logits: torch.Tensor, valid: torch.Tensor) -> list[list[int]]:
             prev = i if keep else prev
         out.append(ids)
     return out
+
+
+# Words of the reply, for the inner monologue: the same normalisation as text_to_ids (Telugu
+# graphemes, punctuation and digits dropped), one token per word of reply_vocab. REPLY_EOT ends the
+# text (the next step is speech); a word outside the vocabulary is REPLY_UNK.
+
+REPLY_EOT, REPLY_UNK, REPLY_FIRST = 0, 1, 2
+
+
+def reply_words(text: str) -> list[str]:
+    """'నమస్కారం, బాగున్నారా?' -> ['నమస్కారం', 'బాగున్నారా']."""
+    return ids_to_text(text_to_ids(text)).split()
+
+
+def reply_ids(text: str, index: dict[str, int], max_words: int) -> list[int]:
+    """A reply's text -> word tokens, index[word] (REPLY_UNK outside it), at most max_words."""
+    return [index.get(w, REPLY_UNK) for w in reply_words(text)][:max_words]
+
+
+def build_reply_vocab(texts, max_words: int = 8192) -> list[str]:
+    """The reply vocabulary of a corpus: its words, most frequent first (ties alphabetically), at
+    most max_words (the rest read as REPLY_UNK)."""
+    counts: dict[str, int] = {}
+    for text in texts:
+        for w in reply_words(text):
+            counts[w] = counts.get(w, 0) + 1
+    return sorted(counts, key=lambda w: (-counts[w], w))[:max_words]
 
 
 # --------------------------------------------------------------------------------------
@@ -333,6 +377,9 @@ class S2SOutput:
     text_loss: torch.Tensor | None = None  # CTC of the user turn's text (encoder_ctc_weight > 0)
     text_logits: torch.Tensor | None = None  # (B, S_in, TEXT_VOCAB_SIZE) the text head over the user turn
     text_valid: torch.Tensor | None = None  # (B, S_in) the user turn's valid steps under text_logits
+    reply_text_loss: torch.Tensor | None = None  # cross-entropy of the reply's words (reply_text_weight > 0)
+    reply_text_logits: torch.Tensor | None = None  # (B, P - 1, n_reply_tokens) for each next text token
+    reply_text_target: torch.Tensor | None = None  # (B, P - 1) the next text token, -100 where none
 
 
 # --------------------------------------------------------------------------------------
@@ -372,6 +419,14 @@ def chunk_attention_mask(n_steps: int, chunk: int, left_chunks: int, device=None
     c = torch.arange(n_steps, device=device) // chunk
     diff = c[:, None] - c[None, :]
     return (diff >= 0) & (diff <= left_chunks)
+
+
+def padded_causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """valid (B, T) -> (B, 1, T, T) bool: causal, padding keys hidden, and every position sees
+    itself (a padding row stays finite)."""
+    t = valid.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
+    return ((causal[None] & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=valid.device)[None])[:, None]
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -645,25 +700,27 @@ class DecoderLayer(nn.Module):
         self.p_drop = cfg.dropout
 
     def forward(self, x, cos, sin, cross_kv=None, cross_bias=None, cache=None, input_pos=None, self_mask=None,
-                kv_len: int | None = None):
-        """x (B, T, D). Teacher forcing: cache None, causal self-attention over x. Generation:
-        `cache` = (k, v) buffers (B, H, capacity, Dh) written in place at `input_pos` (T,); then
-        either `self_mask` (1, 1, T, capacity) says which cached positions exist (static shapes,
-        for torch.compile / CUDA graphs) or `kv_len` slices the filled part (eager CPU, cheaper).
-        Cross-attention: cross_kv (k, v) (B, H, M, Dh) and cross_bias (B, H, 1, M) (Attention.cross_bias)."""
+                kv_len: int | None = None, cross_rope=None):
+        """x (B, T, D). Teacher forcing: cache None, causal self-attention over x, or `self_mask`
+        (B, 1, T, T) when some positions are padding. Generation: `cache` = (k, v) buffers
+        (B, H, capacity, Dh) written in place at `input_pos` (T,); then `kv_len` slices the filled
+        part (eager CPU, cheaper) and `self_mask` (B or 1, 1, T, kv_len or capacity) says which of
+        those positions exist (static shapes, for torch.compile / CUDA graphs, or padding).
+        Cross-attention: cross_kv (k, v) (B, H, M, Dh) and cross_bias (B, H, 1, M) (Attention.cross_bias);
+        its queries are rotated by `cross_rope` (cos, sin), the reply step (default: cos, sin)."""
         q, k, v = self.self_attn.self_qkv(self.self_norm(x), cos, sin)
         if cache is None:
-            y = self.self_attn.attend(q, k, v, is_causal=True)
+            y = self.self_attn.attend(q, k, v, self_mask, is_causal=self_mask is None)
         else:
             cache[0].index_copy_(2, input_pos, k)
             cache[1].index_copy_(2, input_pos, v)
             if kv_len is None:
                 y = self.self_attn.attend(q, cache[0], cache[1], self_mask)
             else:
-                y = self.self_attn.attend(q, cache[0][:, :, :kv_len], cache[1][:, :, :kv_len])
+                y = self.self_attn.attend(q, cache[0][:, :, :kv_len], cache[1][:, :, :kv_len], self_mask)
         x = x + dropout(self.self_attn.merge(y), self.p_drop, self.training)
         if cross_kv is not None:
-            q = self.cross_attn.cross_q(self.cross_norm(x), cos, sin)
+            q = self.cross_attn.cross_q(self.cross_norm(x), *(cross_rope or (cos, sin)))
             y = self.cross_attn.attend(q, cross_kv[0], cross_kv[1], cross_bias)
             x = x + dropout(self.cross_attn.merge(y), self.p_drop, self.training)
         return x + self.ffn(self.ffn_norm(x))
@@ -747,6 +804,9 @@ class ReplyState:
     depth_kv: list
     capacity: int
     static_shapes: bool = False  # attend over the whole buffers with a mask (compile / CUDA graphs)
+    # (B, capacity) False at padding positions of the self-attention buffers: only when a batch's
+    # replies wrote different numbers of words (their text prefixes are left-padded, as in training)
+    key_valid: torch.Tensor | None = None
 
 
 class EncoderStream:
@@ -853,6 +913,11 @@ class TeluguS2STransformer(nn.Module):
         self.stop_head = nn.Linear(d, 1)
         # training aid: the user turn's text read off the encoder (CTC); also a transcript (transcribe)
         self.text_head = nn.Linear(d, TEXT_VOCAB_SIZE) if cfg.encoder_ctc_weight > 0 else None
+        # inner monologue: the reply's words (input embedding and next-word head), before its speech
+        self.reply_embed = self.reply_head = None
+        if cfg.reply_text_weight > 0:
+            self.reply_embed, self.reply_head = nn.Embedding(cfg.n_reply_tokens, d), nn.Linear(d, cfg.n_reply_tokens)
+        self.reply_index = {w: REPLY_FIRST + i for i, w in enumerate(cfg.reply_vocab)}
         n_out = cfg.n_codebooks * cfg.frames_per_step * cfg.codebook_size
         self.depth = DepthHead(cfg) if cfg.depth_dim else None
         self.parallel_head = None if cfg.depth_dim else nn.Linear(d, n_out)
@@ -1009,13 +1074,17 @@ class TeluguS2STransformer(nn.Module):
         target_lengths: torch.Tensor | None = None,
         input_text: torch.Tensor | None = None,
         input_text_lengths: torch.Tensor | None = None,
+        target_text: torch.Tensor | None = None,
+        target_text_lengths: torch.Tensor | None = None,
     ) -> S2SOutput:
         """codes (B, K, F_in) user turn; target_codes (B, K, F_out) the reply; speaker_id and
         emotion_id (B,) ids or (B, N) weights; lengths (B,) in frames for padded batches.
         Returns logits (B, K, F_out, V), stop logits and losses (mean cross-entropy per codebook
         over real frames, plus a binary end-of-reply loss at every real step and one past the end).
         With encoder_ctc_weight > 0, input_text (B, L) text_to_ids of the user turn, padded, and
-        input_text_lengths (B,) (0 = no transcript for that pair) add the CTC loss."""
+        input_text_lengths (B,) (0 = no transcript for that pair) add the CTC loss. With
+        reply_text_weight > 0, target_text (B, L) reply_ids of the reply, padded, and
+        target_text_lengths (B,) (0 = no transcript) are the words the decoder writes before speaking."""
         cfg = self.config
         self.check_codes(codes, "codes")
         self.check_codes(target_codes, "target_codes")
@@ -1036,20 +1105,35 @@ class TeluguS2STransformer(nn.Module):
         n_frames = target_codes.shape[-1]
         target = pad_to_steps(fill_after_end(target_codes, target_lengths), fps)  # (B, K, S * fps)
         s = target.shape[-1] // fps
-        x = torch.cat([self.bos.expand(b, 1, -1), self.embed(target)], dim=1)  # (B, S + 1, D)
+        speech = self.embed(target)  # (B, S, D): step i's codes, the input that predicts step i + 1
         if self.training and cfg.decoder_input_dropout > 0:
             # Word dropout (Bowman et al. 2016): with some of its own past hidden, the decoder has to
             # read what comes next from the memory, i.e. from the question, instead of only continuing.
-            drop = torch.rand(b, s + 1, device=x.device) < cfg.decoder_input_dropout
-            drop[:, 0] = False
-            x = x.masked_fill(drop[..., None], 0.0)
+            drop = torch.rand(b, s + 1, device=speech.device) < cfg.decoder_input_dropout
+            speech = speech.masked_fill(drop[:, 1:, None], 0.0)
+        key_valid = text_target = None
+        if self.reply_head is not None:  # [padding, BOS, words, EOT] then speech; EOT predicts step 0
+            prefix, key_valid, text_target = self._reply_prefix(b, target_text, target_text_lengths)
+        else:  # BOS predicts step 0
+            prefix = self.bos.expand(b, 1, -1)
+        p = prefix.shape[1]
+        x = torch.cat([prefix.to(speech.dtype), speech], dim=1)  # (B, P + S, D)
         x = x + self.condition(speaker_id, emotion_id, turn)
-        steps = torch.arange(s + 1, device=x.device)
+        steps = torch.arange(p + s, device=x.device)
         cos, sin = rope_cos_sin(steps, cfg.head_dim, cfg.rope_base)
+        # cross-attention queries are rotated by the reply's speech step (the text at step 0), so
+        # time-aligned reading of the memory does not depend on how many words came first
+        cross_rope = rope_cos_sin((steps - (p - 1)).clamp_min(0), cfg.head_dim, cfg.rope_base) if p > 1 else None
+        self_mask = None
+        if key_valid is not None and not bool(key_valid.all()):
+            valid = torch.cat([key_valid, key_valid.new_ones(b, s)], dim=1)  # (B, P + S)
+            self_mask = padded_causal_mask(valid)
         for layer in self.decoder:
             kv = layer.cross_attn.cross_kv(memory, cfg.rope_base)
-            x = layer(x, cos, sin, cross_kv=kv, cross_bias=layer.cross_attn.cross_bias(memory, x.dtype))
-        h = self.decoder_norm(x)  # (B, S + 1, D)
+            x = layer(x, cos, sin, cross_kv=kv, cross_bias=layer.cross_attn.cross_bias(memory, x.dtype),
+                      self_mask=self_mask, cross_rope=cross_rope)
+        h_all = self.decoder_norm(x)  # (B, P + S, D)
+        h = h_all[:, p - 1 :]  # (B, S + 1, D): the states that predict speech steps 0..S-1 and the end
         stop_logits = self.stop_head(h).squeeze(-1)  # (B, S + 1)
 
         step_codes = target.view(b, k_books, s, fps).permute(0, 2, 1, 3)  # (B, S, K, fps)
@@ -1077,13 +1161,61 @@ class TeluguS2STransformer(nn.Module):
             text_valid = turn.valid
             text_loss = self.text_ctc_loss(text_logits, turn.valid, input_text, input_text_lengths)
             loss = loss + cfg.encoder_ctc_weight * text_loss
+        reply_loss = reply_logits = None
+        if text_target is not None:
+            reply_logits = self.reply_head(h_all[:, : p - 1]).float()  # (B, P - 1, n_reply_tokens)
+            n_words = (text_target >= 0).sum()
+            reply_loss = (F.cross_entropy(reply_logits.reshape(-1, cfg.n_reply_tokens), text_target.reshape(-1),
+                                          ignore_index=-100, reduction="sum") / n_words.clamp_min(1))
+            loss = loss + cfg.reply_text_weight * reply_loss
         with torch.no_grad():
             correct = (logits.argmax(-1) == target_codes) & frame_ok[:, None]
             accuracy = correct.sum(dim=(0, 2)).float() / n_ok  # (K,)
             stop_correct = (((stop_logits > 0).float() == stop_target) & step_ok).sum() / step_ok.sum()
         metrics = {"accuracy": accuracy, "stop_accuracy": stop_correct, "frames": n_ok}
+        if reply_logits is not None:
+            ok = text_target >= 0
+            metrics["reply_text_accuracy"] = ((reply_logits.argmax(-1) == text_target) & ok).sum() / ok.sum().clamp_min(1)
+            metrics["reply_text_tokens"] = ok.sum()
         return S2SOutput(logits, stop_logits, loss, codebook_losses, stop_loss, metrics, text_loss, text_logits,
-                         text_valid)
+                         text_valid, reply_loss, reply_logits, text_target)
+
+    def reply_ids(self, text: str) -> list[int]:
+        """A reply's text -> its word tokens (reply_ids)."""
+        return reply_ids(text, self.reply_index, self.config.max_reply_words)
+
+    def reply_text(self, ids) -> str:
+        """Word tokens -> text ('?' for REPLY_UNK); stops at REPLY_EOT."""
+        words = []
+        for i in ids:
+            if i == REPLY_EOT:
+                break
+            words.append(self.config.reply_vocab[i - REPLY_FIRST] if i >= REPLY_FIRST else "?")
+        return " ".join(words)
+
+    def _reply_prefix(self, b: int, text: torch.Tensor | None, lengths: torch.Tensor | None):
+        """The decoder's text prefix for a batch: per pair [padding, BOS, its words, EOT], left-padded
+        to the longest, so that speech starts right after EOT at the same position P - 1 in every row
+        and relative positions (RoPE) are those of an unpadded reply. text (B, L) reply_ids, padded;
+        lengths (B,) (0: no transcript). Returns the inputs (B, P, D), key_valid (B, P) (False at
+        padding) and the next-token targets (B, P - 1): the words, then EOT, -100 at padding and
+        for pairs without text (they still see BOS, EOT)."""
+        dev = self.device
+        if text is None or lengths is None:
+            text, lengths = torch.zeros(b, 0, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev)
+        text, lengths = text.to(dev), lengths.to(dev)
+        n = int(lengths.max()) if b else 0
+        idx = torch.arange(n + 2, device=dev)
+        start = (n - lengths)[:, None]  # (B, 1): where BOS goes
+        word = idx[None] - start - 1  # (B, P): index into the row's words
+        is_word = (word >= 0) & (word < lengths[:, None])
+        tokens = torch.full((b, n + 2), REPLY_EOT, dtype=torch.long, device=dev)
+        if text.shape[1]:
+            tokens = torch.where(is_word, text.gather(1, word.clamp(0, text.shape[1] - 1)), tokens)
+        key_valid = idx[None] >= start
+        x = torch.where((idx[None] == start)[..., None], self.bos, self.reply_embed(tokens)) * key_valid[..., None]
+        target = tokens[:, 1:].masked_fill(~key_valid[:, :-1] | (lengths == 0)[:, None], -100)
+        return x, key_valid, target
 
     def text_ctc_loss(self, text_logits: torch.Tensor, valid: torch.Tensor, text: torch.Tensor,
                       text_lengths: torch.Tensor | None) -> torch.Tensor:
@@ -1146,27 +1278,97 @@ class TeluguS2STransformer(nn.Module):
             static_shapes = self.device.type == "cuda"
         return ReplyState(self_kv, kv, cross_bias, condition, depth_kv, capacity, static_shapes)
 
-    def decode_step(self, state: ReplyState, prev_codes: torch.Tensor | None, input_pos: torch.Tensor):
+    def decode_step(self, state: ReplyState, prev_codes: torch.Tensor | None, input_pos: torch.Tensor,
+                    reply_token: torch.Tensor | None = None, cross_pos: torch.Tensor | None = None):
         """One decoder step (the hot function: fixed buffers written in place, positions as a
         tensor; with state.static_shapes every shape is fixed for torch.compile / CUDA graphs).
-        prev_codes (B, K, fps) the previous step's codes (None at position 0: BOS); input_pos (1,).
+        prev_codes (B, K, fps) the previous step's codes (None at position 0: BOS), or reply_token
+        (B,) a word of the reply's text (inner monologue); input_pos (1,) the buffer position;
+        cross_pos (1,) the speech step that rotates the cross-attention queries (default input_pos).
         Returns the decoder state h (B, D) and the end-of-reply logit (B,)."""
         cfg = self.config
-        if prev_codes is None:
+        if reply_token is not None:
+            x = self.reply_embed(reply_token)[:, None]  # (B, 1, D)
+        elif prev_codes is None:
             x = self.bos.expand(state.condition.shape[0], 1, -1)
         else:
             x = self.embed(prev_codes)  # (B, 1, D)
         x = x + state.condition
         cos, sin = rope_cos_sin(input_pos, cfg.head_dim, cfg.rope_base)
+        cross_rope = None if cross_pos is None else rope_cos_sin(cross_pos, cfg.head_dim, cfg.rope_base)
         self_mask = kv_len = None
         if state.static_shapes:
             self_mask = (torch.arange(state.capacity, device=x.device) <= input_pos)[None, None, None, :]
+            if state.key_valid is not None:
+                self_mask = self_mask & state.key_valid[:, None, None, :]
         else:
             kv_len = int(input_pos[-1]) + 1
+            if state.key_valid is not None:
+                self_mask = state.key_valid[:, None, None, :kv_len]
         for layer, cache, kv, bias in zip(self.decoder, state.self_kv, state.cross_kv, state.cross_bias):
             x = layer(x, cos, sin, cross_kv=kv, cross_bias=bias, cache=cache, input_pos=input_pos,
-                      self_mask=self_mask, kv_len=kv_len)
+                      self_mask=self_mask, kv_len=kv_len, cross_rope=cross_rope)
         h = self.decoder_norm(x)[:, 0]
+        return h, self.stop_head(h).squeeze(-1)
+
+    @property
+    def reply_text_slots(self) -> int:
+        """Decoder positions a reply's text can take before its speech: BOS, the words, EOT."""
+        return self.config.max_reply_words + 2 if self.reply_head is not None else 0
+
+    def begin_reply(self, state: ReplyState, text_temperature: float = 0.0):
+        """Run the decoder up to the reply's first speech step: BOS, and with an inner monologue
+        the reply's words (sampled at text_temperature, 0 = greedy) and EOT. Returns (h (B, D),
+        stop logit (B,), offset: the buffer position of the state that predicts speech step 0 (the
+        codes of step i go in at offset + 1 + i), the word ids of each row (None without text))."""
+        h, stop_logit = self.decode_step(state, None, torch.tensor([0], device=self.device))
+        if self.reply_head is None:
+            return h, stop_logit, 0, None
+        b = h.shape[0]
+        words: list[list[int]] = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        for i in range(self.config.max_reply_words + 1):
+            token = sample_codes(self.reply_head(h), text_temperature, None)  # (B,)
+            if i == self.config.max_reply_words:
+                token = torch.full_like(token, REPLY_EOT)
+            token = token.masked_fill(done, REPLY_EOT)
+            for row, t in enumerate(token.tolist()):
+                if t != REPLY_EOT:
+                    words[row].append(t)
+            done |= token == REPLY_EOT
+            h, stop_logit = self.decode_step(state, None, torch.tensor([i + 1], device=self.device), reply_token=token,
+                                             cross_pos=zero)
+            if bool(done.all()):
+                break
+        lengths = [len(w) for w in words]
+        if len(set(lengths)) > 1:
+            # rows wrote different numbers of words: write the prefixes again, left-padded as in
+            # training, so every row's speech starts at the same position right after its own EOT
+            h, stop_logit = self._prefill_reply_text(state, words)
+        return h, stop_logit, max(lengths) + 1, words
+
+    def _prefill_reply_text(self, state: ReplyState, words: list[list[int]]):
+        """Rewrite buffer positions 0..P-1 with each row's [padding, BOS, words, EOT] in one pass
+        and mark the padding in state.key_valid; returns h, stop logit at EOT (position P - 1)."""
+        cfg = self.config
+        lengths = torch.tensor([len(w) for w in words], device=self.device)
+        text = torch.zeros(len(words), int(lengths.max()), dtype=torch.long, device=self.device)
+        for row, w in enumerate(words):
+            text[row, : len(w)] = torch.tensor(w, dtype=torch.long)
+        x, key_valid, _ = self._reply_prefix(len(words), text, lengths)
+        x = x.to(state.condition.dtype) + state.condition
+        p = x.shape[1]
+        pos = torch.arange(p, device=self.device)
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_base)
+        cross_rope = rope_cos_sin(torch.zeros_like(pos), cfg.head_dim, cfg.rope_base)
+        mask = padded_causal_mask(key_valid)
+        for layer, cache, kv, bias in zip(self.decoder, state.self_kv, state.cross_kv, state.cross_bias):
+            x = layer(x, cos, sin, cross_kv=kv, cross_bias=bias, cache=cache, input_pos=pos, self_mask=mask, kv_len=p,
+                      cross_rope=cross_rope)
+        state.key_valid = torch.ones(len(words), state.capacity, dtype=torch.bool, device=self.device)
+        state.key_valid[:, :p] = key_valid
+        h = self.decoder_norm(x)[:, -1]
         return h, self.stop_head(h).squeeze(-1)
 
     def step_logits_incremental(self, state: ReplyState, projected: torch.Tensor, k: int,
@@ -1233,7 +1435,7 @@ class TeluguS2STransformer(nn.Module):
         return self.start_reply(Memory.cat([context, turn]), condition, capacity, kv)
 
     def _stream(self, codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
-                chunk_steps, stop_threshold, min_new_tokens):
+                chunk_steps, stop_threshold, min_new_tokens, text_temperature=0.0, on_text=None):
         """Yields (codes (B, K, f), ended (B,) bool: which items have ended by now)."""
         cfg = self.config
         max_new_tokens = cfg.max_reply_steps if max_new_tokens is None else int(max_new_tokens)
@@ -1241,17 +1443,22 @@ class TeluguS2STransformer(nn.Module):
             raise ValueError("max_new_tokens and chunk_steps must be >= 1")
         with eval_mode(self):
             yield from self._stream_eval(codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
-                                         chunk_steps, stop_threshold, min_new_tokens)
+                                         chunk_steps, stop_threshold, min_new_tokens, text_temperature, on_text)
 
     def _stream_eval(self, codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
-                     chunk_steps, stop_threshold, min_new_tokens):
-        state = self._prepare(codes, speaker_id, emotion_id, context, max_new_tokens)
+                     chunk_steps, stop_threshold, min_new_tokens, text_temperature, on_text):
+        state = self._prepare(codes, speaker_id, emotion_id, context, max_new_tokens + self.reply_text_slots)
+        h, stop_logit, offset, words = self.begin_reply(state, text_temperature)
+        if on_text is not None and words is not None:
+            on_text([self.reply_text(w) for w in words])
         b = state.condition.shape[0]
         ended = torch.zeros(b, dtype=torch.bool, device=self.device)
         stop_logit_threshold = math.log(stop_threshold / (1 - stop_threshold))
-        prev, pending = None, []
+        pending = []
         for step in range(max_new_tokens):
-            h, stop_logit = self.decode_step(state, prev, torch.tensor([step], device=self.device))
+            if step:
+                h, stop_logit = self.decode_step(state, prev, torch.tensor([offset + step], device=self.device),
+                                                 cross_pos=torch.tensor([step], device=self.device) if offset else None)
             if step >= min_new_tokens:
                 ended |= stop_logit > stop_logit_threshold
             if bool(ended.all()):
@@ -1277,6 +1484,8 @@ class TeluguS2STransformer(nn.Module):
         chunk_steps: int = 1,
         stop_threshold: float = 0.5,
         min_new_tokens: int = 1,
+        text_temperature: float = 0.0,
+        on_text=None,
     ) -> Iterator[torch.Tensor]:
         """Generate the reply, yielding codes (B, K, chunk_steps * frames_per_step) as soon as
         each chunk exists; stops when the end-of-reply head fires (for every batch item) or after
@@ -1287,20 +1496,22 @@ class TeluguS2STransformer(nn.Module):
         (B, K, F), or an EncoderStream that has consumed it (the low-latency path: only the last
         chunk is left to encode). speaker_id / emotion_id: (B,) ids or (B, N) mixing weights.
         context: earlier turns (ContextTurns, or the Memory from encode_context, which caches
-        its cross-attention K/V for later replies). temperature 0 is greedy.
+        its cross-attention K/V for later replies). temperature 0 is greedy. With an inner monologue
+        (reply_text_weight > 0) the reply's words come first (text_temperature, 0 = greedy), and
+        on_text, if given, is called with their B texts before the first chunk.
         """
         for chunk, _ in self._stream(codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
-                                     chunk_steps, stop_threshold, min_new_tokens):
+                                     chunk_steps, stop_threshold, min_new_tokens, text_temperature, on_text):
             yield chunk
 
     @torch.inference_mode()
     def generate(self, codes, speaker_id, emotion_id, max_new_tokens=None, context=None, temperature=0.8,
-                 top_k=50, stop_threshold=0.5, min_new_tokens=1) -> list[torch.Tensor]:
+                 top_k=50, stop_threshold=0.5, min_new_tokens=1, text_temperature=0.0, on_text=None) -> list[torch.Tensor]:
         """The whole reply of each batch item: a list of B LongTensors (K, F_b), each cut where that
-        item's end-of-reply head fired."""
+        item's end-of-reply head fired (on_text: as generate_streaming)."""
         chunks, ends = [], []
         for chunk, ended in self._stream(codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
-                                         1, stop_threshold, min_new_tokens):
+                                         1, stop_threshold, min_new_tokens, text_temperature, on_text):
             chunks.append(chunk)
             ends.append(ended)
         if not chunks:

@@ -435,6 +435,7 @@ class ReplyStream:
     pending_frames: int = 0
     frame_map: list = field(default_factory=lambda: [(0, 0)])  # (output samples, codec frames) so far
     finished: bool = False
+    text: str | None = None  # the words the model wrote before speaking (None without an inner monologue)
 
 
 class AgentEngine:
@@ -573,14 +574,16 @@ class AgentEngine:
         t0 = time.perf_counter()
         context = self.context_memory(request.conversation)
         timings["context_ms"] = 1000 * (time.perf_counter() - t0)
+        written: list[list[str]] = []
         generator = self.s2s.generate_streaming(
             s2s_input, request.speaker.to(self.device), request.emotion.to(self.device),
             max_new_tokens=request.max_steps, context=context, temperature=request.temperature,
-            top_k=request.top_k or None, min_new_tokens=max(1, request.min_steps),
+            top_k=request.top_k or None, min_new_tokens=max(1, request.min_steps), on_text=written.append,
         )
         reply = ReplyStream(generator, self.codec.new_stream_state("decoder"), request.controls,
                             request.segment_samples, user_codes)
-        first = self.next_audio(reply, timings)
+        first = self.next_audio(reply, timings)  # the words, if any, are written before the first audio
+        reply.text = written[0][0] if written else None
         return reply, first, timings
 
     def next_audio(self, reply: ReplyStream, timings: dict | None = None) -> np.ndarray | None:
@@ -1177,7 +1180,7 @@ class Session:
             response.stream = reply
             timings["queue_ms"] = queued_ms
             await self.send_event("response_started", response_id=response.id, voice=response.settings.voice,
-                                  emotion=response.settings.emotion, mode=response.mode)
+                                  emotion=response.settings.emotion, mode=response.mode, text=reply.text)
             state.responses_total += 1
             response.state = "speaking"
             sender = self.spawn(self._pace(response, queue, timings))

@@ -73,7 +73,10 @@ from s2s_transformer import (
     ContextTurns,
     S2SConfig,
     TeluguS2STransformer,
+    build_reply_vocab,
+    REPLY_FIRST,
     ctc_best_path,
+    reply_ids,
     text_to_ids,
 )
 from training import (
@@ -191,7 +194,7 @@ def load_pairs(data_dir: Path, split: str) -> list[dict]:
             history.append((str(resolve(turn["input_path"], data_dir)), str(resolve(turn["target_path"], data_dir))))
         out.append({"input": str(resolve(pair["input_path"], data_dir)), "target": str(resolve(pair["target_path"], data_dir)),
                     "speaker_id": int(pair["speaker_id"]), "emotion_id": int(pair["emotion_id"]), "history": history,
-                    "input_text": str(pair.get("input_text") or "")})
+                    "input_text": str(pair.get("input_text") or ""), "target_text": str(pair.get("target_text") or "")})
     return out
 
 
@@ -341,12 +344,15 @@ class Example:
     input_text: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     # other renderings of the user turn (--input_augment_copies): (K, F') int16 each
     input_variants: list = field(default_factory=list)
+    # (L,) reply_ids of the reply's words (inner monologue); empty when there is none or no transcript
+    target_text: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 def make_examples(pairs, codes, cfg: S2SConfig, max_input_frames: int, max_reply_frames: int,
                   variants: dict[str, list[torch.Tensor]] | None = None) -> tuple[list[Example], int]:
     """Pairs -> Examples of codes; `variants` maps a user turn's WAV to other renderings of it."""
     examples, skipped = [], 0
+    index = {w: i for i, w in enumerate(cfg.reply_vocab, REPLY_FIRST)} if cfg.reply_text_weight > 0 else None
     for pair in pairs:
         x, y = codes[pair["input"]], codes[pair["target"]]
         if x.shape[1] > max_input_frames or y.shape[1] > max_reply_frames:
@@ -355,8 +361,9 @@ def make_examples(pairs, codes, cfg: S2SConfig, max_input_frames: int, max_reply
         turns = [t for u, a in pair["history"] for t in ((ROLE_USER, codes[u]), (ROLE_AGENT, codes[a]))]
         text = torch.tensor(text_to_ids(pair.get("input_text", "")), dtype=torch.long)
         others = [v for v in (variants or {}).get(pair["input"], []) if v.shape[1] <= max_input_frames]
+        words = reply_ids(pair.get("target_text", ""), index, cfg.max_reply_words) if index is not None else []
         examples.append(Example(x, y, pair["speaker_id"], pair["emotion_id"], turns[-cfg.max_context_turns :], text,
-                                others))
+                                others, torch.tensor(words, dtype=torch.long)))
     return examples, skipped
 
 
@@ -397,6 +404,8 @@ class Batch:
     context: ContextTurns | None
     input_text: torch.Tensor | None  # (B, L) padded with 0; None: no CTC loss
     input_text_lengths: torch.Tensor  # (B,) 0 = no transcript
+    target_text: torch.Tensor  # (B, W) the reply's word ids, padded with 0
+    target_text_lengths: torch.Tensor  # (B,) 0 = no words (no transcript, or no inner monologue)
 
 
 def pad_stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,14 +427,21 @@ def collate(examples: list[Example], indices: list[int], device, pick: np.random
     context = None
     if any(e.history for e in items):
         context = ContextTurns.from_turns([[(r, c.long()) for r, c in e.history] for e in items]).to(device)
-    text_len = torch.tensor([len(e.input_text) for e in items])
-    text = torch.zeros(len(items), max(1, int(text_len.max())), dtype=torch.long)
-    for i, e in enumerate(items):
-        text[i, : len(e.input_text)] = e.input_text
+    text, text_len = pad_ids([e.input_text for e in items])
+    words, words_len = pad_ids([e.target_text for e in items])
     return Batch(codes.to(device), in_len.to(device), target.to(device), out_len.to(device),
                  torch.tensor([e.speaker_id for e in items], device=device),
                  torch.tensor([e.emotion_id for e in items], device=device), context,
-                 text.to(device), text_len.to(device))
+                 text.to(device), text_len.to(device), words.to(device), words_len.to(device))
+
+
+def pad_ids(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D id tensors -> (B, max(1, L)) padded with 0, and their lengths (B,)."""
+    lengths = torch.tensor([len(x) for x in seqs])
+    out = torch.zeros(len(seqs), max(1, int(lengths.max())), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        out[i, : len(x)] = x
+    return out, lengths
 
 
 # --------------------------------------------------------------------------------------
@@ -436,7 +452,8 @@ def run_model(model, batch: Batch, autocast: bool):
     with torch.autocast(batch.codes.device.type, dtype=torch.bfloat16, enabled=autocast):
         return model(batch.codes, batch.target, batch.speaker_id, batch.emotion_id, context=batch.context,
                      input_lengths=batch.input_lengths, target_lengths=batch.target_lengths,
-                     input_text=batch.input_text, input_text_lengths=batch.input_text_lengths)
+                     input_text=batch.input_text, input_text_lengths=batch.input_text_lengths,
+                     target_text=batch.target_text, target_text_lengths=batch.target_text_lengths)
 
 
 def edit_distance(a, b) -> int:
@@ -458,7 +475,11 @@ def evaluate(model, examples, args, ctx, autocast: bool, prefix: str = "val",
     each reply paired with another pair's user turn (the batch rolled by one) minus that with its
     own. Near 0, the model answers the same whatever was asked. With a text head: val_text_loss
     (CTC, nats per character) and val_cer, the character error rate of its best-path transcripts
-    of the user turns (pairs with a transcript only).
+    of the user turns (pairs with a transcript only). With an inner monologue: val_reply_text_loss
+    (nats per word), val_reply_text_accuracy (teacher-forced words), val_reply_text_exact (replies
+    whose every word and end of text are predicted right) and val_text_input_gain (as input_gain,
+    for the words: the reply's content, where the codes' gain only shows what the speech adds);
+    the validation loss then includes reply_text_weight x the words' loss.
 
     The same on training pairs (prefix "train", the first `max_batches` of a fixed order) tells a
     model that cannot use the question at all (train_input_gain ~ 0 too) from one that reads the
@@ -472,6 +493,8 @@ def evaluate(model, examples, args, ctx, autocast: bool, prefix: str = "val",
     k = None
     totals = None
     text_totals = torch.zeros(4, device=ctx.device)  # CTC loss sum, pairs with text, char errors, chars
+    # reply words: CE sum, tokens, correct tokens, rows, rows all correct, rolled-question CE sum, its tokens
+    reply_totals = torch.zeros(7, device=ctx.device)
     for idx in batches:
         batch = collate(examples, idx, ctx.device)
         out = run_model(model, batch, autocast)
@@ -485,11 +508,23 @@ def evaluate(model, examples, args, ctx, autocast: bool, prefix: str = "val",
         frames = out.metrics["frames"].float()
         k = out.codebook_losses.shape[0]
         swapped_ce, swapped_frames = frames.new_zeros(1), frames.new_zeros(1)
+        swapped = None
         if len(idx) > 1:
             other = replace(batch, codes=batch.codes.roll(1, 0), input_lengths=batch.input_lengths.roll(1, 0),
-                            input_text=None)  # the reply's codes only: no CTC
-            swapped_ce = run_model(model, other, autocast).codebook_losses.float().mean()[None] * frames
+                            input_text=None)  # the reply's codes (and words) only: no CTC
+            swapped = run_model(model, other, autocast)
+            swapped_ce = swapped.codebook_losses.float().mean()[None] * frames
             swapped_frames = frames[None]
+        if out.reply_text_loss is not None:
+            tokens = out.metrics["reply_text_tokens"].float()
+            ok = out.reply_text_target >= 0
+            right = (out.reply_text_logits.argmax(-1) == out.reply_text_target) | ~ok
+            rows = ok.any(1)
+            reply_totals += torch.stack([
+                out.reply_text_loss.float() * tokens, tokens, out.metrics["reply_text_accuracy"].float() * tokens,
+                rows.sum().float(), (right.all(1) & rows).sum().float(),
+                swapped.reply_text_loss.float() * tokens if swapped is not None else tokens.new_zeros(()),
+                tokens if swapped is not None else tokens.new_zeros(())])
         # frame-weighted sums: per-codebook CE (k), accuracy (k), stop loss, stop accuracy, then for
         # the rolled batch its mean CE, its frames and the own-question mean CE over those frames; frames
         row = torch.cat([out.codebook_losses.float() * frames, out.metrics["accuracy"].float() * frames,
@@ -500,6 +535,7 @@ def evaluate(model, examples, args, ctx, autocast: bool, prefix: str = "val",
     if ctx.enabled:
         dist.all_reduce(totals)
         dist.all_reduce(text_totals)
+        dist.all_reduce(reply_totals)
     model.train()
     n = totals[-1]
     swapped_n = totals[2 * k + 3].clamp_min(1)
@@ -508,6 +544,13 @@ def evaluate(model, examples, args, ctx, autocast: bool, prefix: str = "val",
     stop_loss, stop_acc = totals[2 * k] / n, totals[2 * k + 1] / n
     metrics = {"loss": float(ce.mean() + cfg.stop_loss_weight * stop_loss), "accuracy": float(acc.mean()),
                "input_gain": input_gain, "stop_accuracy": float(stop_acc), "stop_loss": float(stop_loss)}
+    if reply_totals[1] > 0:  # the reply's words, teacher forced; exact: every word and the EOT right
+        metrics["reply_text_loss"] = float(reply_totals[0] / reply_totals[1])
+        metrics["loss"] += cfg.reply_text_weight * metrics["reply_text_loss"]
+        metrics["reply_text_accuracy"] = float(reply_totals[2] / reply_totals[1])
+        metrics["reply_text_exact"] = float(reply_totals[4] / reply_totals[3].clamp_min(1))
+        if reply_totals[6] > 0:
+            metrics["text_input_gain"] = float((reply_totals[5] - reply_totals[0]) / reply_totals[6])
     if text_totals[1] > 0:
         metrics["text_loss"] = float(text_totals[0] / text_totals[1])
         metrics["cer"] = float(text_totals[2] / text_totals[3].clamp_min(1))
@@ -517,10 +560,12 @@ def evaluate(model, examples, args, ctx, autocast: bool, prefix: str = "val",
     return {f"{prefix}_{key}": v for key, v in metrics.items()}
 
 
-def build_config(args, checkpoint: dict | None, init_config: dict | None = None) -> S2SConfig:
+def build_config(args, checkpoint: dict | None, init_config: dict | None = None,
+                 reply_texts: list[str] = ()) -> S2SConfig:
     """The model config: from the checkpoint when resuming, from the --init_from weights' config
     (then --config) when starting from them (the size flags may contradict neither), else
-    --preset, then --config, then the size flags."""
+    --preset, then --config, then the size flags. A config that turns the inner monologue on
+    without a vocabulary gets the words of `reply_texts` (the training pairs' target_text)."""
     flags = {k: getattr(args, k) for k in ("hidden_dim", "num_encoder_layers", "num_decoder_layers")
              if getattr(args, k) is not None}
     stored, what = (checkpoint["config"], "--resume") if checkpoint is not None else (init_config, "--init_from")
@@ -531,16 +576,28 @@ def build_config(args, checkpoint: dict | None, init_config: dict | None = None)
             raise ValueError(f"{what}: the stored model differs from the flags {clash} (flag, stored); "
                              "drop the flags or start a new --checkpoint_dir")
         if checkpoint is None and args.config:
-            cfg = config_from_dict(S2SConfig, read_json(args.config), base=cfg)
+            cfg = with_overrides(cfg, read_json(args.config), reply_texts)
         return cfg
     cfg = S2SConfig.preset(args.preset)
     if args.config:
-        cfg = config_from_dict(S2SConfig, read_json(args.config), base=cfg)
+        cfg = with_overrides(cfg, read_json(args.config), reply_texts)
     return config_from_dict(S2SConfig, flags, base=cfg) if flags else cfg
 
 
-# Heads that only some configs have (encoder_ctc_weight > 0): --init_from may add or drop them.
-OPTIONAL_HEADS = ("text_head.", "codec_embed.")  # parts a config may add or drop; codec_embed is reloaded
+def with_overrides(base: S2SConfig, overrides: dict, reply_texts: list[str]) -> S2SConfig:
+    """`base` with --config's fields; reply_vocab built from reply_texts where the result needs one."""
+    if overrides.get("reply_text_weight", base.reply_text_weight) > 0 and not overrides.get("reply_vocab", base.reply_vocab):
+        vocab = build_reply_vocab(reply_texts)
+        if not vocab:
+            raise ValueError("reply_text_weight > 0 but no training pair has a target_text to learn the reply words "
+                             "from: set reply_text_weight 0 for data without transcripts")
+        overrides = {**overrides, "reply_vocab": vocab}
+    return config_from_dict(S2SConfig, overrides, base=base)
+
+
+# Heads that only some configs have (text_head: encoder_ctc_weight > 0; reply_*: reply_text_weight > 0;
+# codec_embed: encoder_input "codec"): --init_from may add or drop them.
+OPTIONAL_HEADS = ("text_head.", "codec_embed.", "reply_embed.", "reply_head.")  # codec_embed is reloaded
 
 
 def load_init_state(model: TeluguS2STransformer, state: dict, exclude: list[str]) -> list[str]:
@@ -621,10 +678,10 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
     init_state = init_config = None
     if checkpoint is None and args.init_from:
         init_state, init_config = load_pretrained_state(args.init_from, CHECKPOINT_NAMES)
-    cfg = build_config(args, checkpoint, init_config)
+    train_pairs, val_pairs = load_pairs(data_dir, "train"), load_pairs(data_dir, "val")
+    cfg = build_config(args, checkpoint, init_config, [p["target_text"] for p in train_pairs])
 
     # data and token cache
-    train_pairs, val_pairs = load_pairs(data_dir, "train"), load_pairs(data_dir, "val")
     wavs = referenced_wavs(train_pairs + val_pairs)
     cache_root = Path(args.token_cache) if args.token_cache else data_dir / "token_cache"
     codes = build_token_cache(wavs, cache_root / codec_identity(codec_path), codec_path, ctx, log)
@@ -735,6 +792,9 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
                 + (f" (training pairs: {metrics['train_input_gain']:.4f})" if "train_input_gain" in metrics else "")
                 + ", "
                 + (f"text CTC {metrics['val_text_loss']:.3f}, CER {metrics['val_cer']:.3f}, " if "val_cer" in metrics else "")
+                + (f"reply words {metrics['val_reply_text_loss']:.3f} nats, exact {metrics['val_reply_text_exact']:.3f}"
+                   f" (training pairs: {metrics.get('train_reply_text_exact', float('nan')):.3f}), "
+                   if "val_reply_text_loss" in metrics else "")
                 + f"ppl cb0 {metrics['val_ppl_cb0']:.1f}, end-of-reply accuracy {metrics['val_stop_accuracy']:.3f}"
                 + (" (best)" if improved else ""))
             if improved:
@@ -775,6 +835,8 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
                        "accuracy": out.metrics["accuracy"].mean().item(), "grad_norm": float(grad_norm)}
                 if out.text_loss is not None:
                     row["text_loss"] = out.text_loss.item()
+                if out.reply_text_loss is not None:
+                    row["reply_text_loss"] = out.reply_text_loss.item()
                 row = all_reduce_mean(row, ctx)
                 now = time.time()
                 row = {"step": step, "epoch": epoch, "lr": lr, **{k: round(v, 5) for k, v in row.items()},

@@ -26,6 +26,7 @@ const state = {
   playbackStarted: 0, // replies whose audio reached the speakers
   reconnects: 0,
   context: [],
+  agentText: null, // the words the current reply's model wrote before speaking (null: none)
 };
 if (TEST) window.agentState = state;
 sessionStorage.setItem('agentSession', state.sessionId);
@@ -203,7 +204,9 @@ function onEvent(ev) {
       state.responseId = ev.response_id;
       player && player.port.postMessage({ type: 'start', id: ev.response_id });
       showAgent(true);
-      logEvent(`reply ${ev.response_id} started (${ev.voice}, ${ev.emotion})`);
+      state.agentText = ev.text ?? null;
+      $('agent-words').textContent = ev.text ?? '(this model speaks without writing words first)';
+      logEvent(`reply ${ev.response_id} started (${ev.voice}, ${ev.emotion})${ev.text ? ': ' + ev.text : ''}`);
       break;
     case 'response_done':
       player && player.port.postMessage({ type: 'end', id: ev.response_id });

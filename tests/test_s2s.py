@@ -492,3 +492,134 @@ def test_codec_encoder_input_reads_the_codecs_vectors(tmp_path):
         tiny_config(encoder_input="codec")
     with pytest.raises(ValueError, match="no codec vectors"):
         make_model(tiny_config()).load_codec_vectors(FakeCodec(table))
+
+
+# --------------------------------------------------------------------------------------
+# Inner monologue: the reply's words before its speech
+
+WORDS = ["నమస్కారం", "బాగున్నారా", "మీరు", "ఎలా", "ఉన్నారు", "వర్షం", "రేపు"]
+
+
+def monologue_config(**overrides) -> S2SConfig:
+    return tiny_config(reply_text_weight=1.0, reply_vocab=WORDS, max_reply_words=6, **overrides)
+
+
+def word_batch(model, texts):
+    ids = [model.reply_ids(t) for t in texts]
+    lengths = torch.tensor([len(i) for i in ids])
+    words = torch.zeros(len(ids), max(1, int(lengths.max())), dtype=torch.long)
+    for row, i in enumerate(ids):
+        words[row, : len(i)] = torch.tensor(i, dtype=torch.long)
+    return words, lengths
+
+
+def test_reply_words_and_vocabulary():
+    from s2s_transformer import REPLY_EOT, REPLY_FIRST, REPLY_UNK, build_reply_vocab, reply_words
+
+    assert reply_words("నమస్కారం, బాగున్నారా? 12") == ["నమస్కారం", "బాగున్నారా"]
+    assert build_reply_vocab(["రేపు వర్షం.", "వర్షం!", "ఎలా"]) == ["వర్షం", "ఎలా", "రేపు"]  # by count, then alphabet
+    model = make_model(monologue_config())
+    assert model.reply_ids("మీరు ఎలా కొత్త?") == [REPLY_FIRST + 2, REPLY_FIRST + 3, REPLY_UNK]
+    assert model.reply_text([REPLY_FIRST + 2, REPLY_UNK, REPLY_EOT, REPLY_FIRST]) == "మీరు ?"
+    assert len(model.reply_ids(" ".join(["మీరు"] * 9))) == 6  # cut at max_reply_words
+    with pytest.raises(ValueError, match="reply_vocab"):
+        tiny_config(reply_text_weight=1.0)
+    with pytest.raises(ValueError, match="distinct words"):
+        tiny_config(reply_text_weight=1.0, reply_vocab=["మీరు", "మీరు"])
+
+
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["sliced", "static_shapes"])
+def test_monologue_decoding_equals_full_forward(static_shapes):
+    """A batch whose replies have 2 and 4 words (the text prefixes left-padded to the same
+    speech start) gives, row by row, the logits of decoding each reply alone with its cache:
+    the words' logits, the speech codes' and the end-of-reply logits."""
+    cfg = monologue_config()
+    model = make_model(cfg)
+    codes, target = random_codes(cfg, 2, 23, 1), random_codes(cfg, 2, 18, 2)
+    spk, emo = torch.tensor([2, 0]), torch.tensor([4, 1])
+    words, lengths = word_batch(model, ["నమస్కారం, బాగున్నారా?", "మీరు ఎలా ఉన్నారు కొత్త"])
+    with torch.no_grad():
+        full = model(codes, target, spk, emo, target_text=words, target_text_lengths=lengths)
+        padded = pad_to_steps(target, cfg.frames_per_step)
+        fps, n_steps = cfg.frames_per_step, padded.shape[-1] // cfg.frames_per_step
+        for row in range(2):
+            state = model._prepare(codes[row : row + 1], spk[row : row + 1], emo[row : row + 1], None,
+                                   n_steps + 1 + model.reply_text_slots)
+            state.static_shapes = static_shapes
+            h, stop = model.decode_step(state, None, torch.tensor([0]))
+            sequence = words[row, : lengths[row]].tolist() + [0]  # the words, then EOT
+            text_logits = []
+            for i, token in enumerate(sequence):
+                text_logits.append(model.reply_head(h))
+                h, stop = model.decode_step(state, None, torch.tensor([i + 1]), reply_token=torch.tensor([token]),
+                                            cross_pos=torch.tensor([0]))
+            p = full.reply_text_logits.shape[1]
+            assert torch.allclose(torch.cat(text_logits), full.reply_text_logits[row, p - len(sequence):], atol=1e-4)
+            offset, logits, stops = len(sequence), [], [stop]
+            for s in range(n_steps):
+                step = padded[row : row + 1, :, s * fps : (s + 1) * fps]
+                projected = model.depth.project(h)
+                logits.append(torch.stack([model.step_logits_incremental(state, projected, k, step[:, k - 1] if k else None)
+                                           for k in range(cfg.n_codebooks)], dim=1))
+                h, stop = model.decode_step(state, step, torch.tensor([offset + s + 1]), cross_pos=torch.tensor([s + 1]))
+                stops.append(stop)
+            incremental = torch.cat(logits, dim=2)[:, :, : target.shape[-1]]
+            assert torch.allclose(incremental, full.logits[row : row + 1], atol=1e-4), (incremental - full.logits[row]).abs().max()
+            assert torch.allclose(torch.stack(stops, 1), full.stop_logits[row : row + 1], atol=1e-4)
+    # targets: the words then EOT, nothing at the padding of the shorter reply
+    assert full.reply_text_target[0].tolist()[:2] == [-100, -100] and full.reply_text_target[0, -1] == 0
+    # pairs without a transcript (length 0) still see BOS, EOT but add no words' loss
+    none = model(codes, target, spk, emo, target_text=words, target_text_lengths=torch.zeros(2, dtype=torch.long))
+    assert none.reply_text_loss.item() == 0.0 and bool((none.reply_text_target == -100).all())
+
+
+def test_batched_monologue_replies_equal_single_replies():
+    """Rows that write different numbers of words are generated together exactly as alone: their
+    prefixes are written again left-padded, and the padding is hidden from later steps."""
+    cfg = monologue_config()
+    spk, emo = torch.tensor([0, 1]), torch.tensor([2, 3])
+    with torch.no_grad():
+        for seed in range(20):  # an untrained model whose two rows write different numbers of words
+            model = make_model(cfg, seed=seed)
+            codes = random_codes(cfg, 2, 40, seed)
+            texts = []
+            batch = model.generate(codes, spk, emo, max_new_tokens=5, min_new_tokens=5, temperature=0,
+                                   on_text=texts.append)
+            if len(texts[0][0].split()) != len(texts[0][1].split()):
+                break
+        singles = []
+        for row in range(2):
+            one = []
+            singles.append(model.generate(codes[row : row + 1], spk[row : row + 1], emo[row : row + 1], max_new_tokens=5,
+                                          min_new_tokens=5, temperature=0, on_text=one.append)[0])
+            assert one[0][0] == texts[0][row]
+    assert len(texts[0][0].split()) != len(texts[0][1].split())  # the case under test: different lengths
+    assert all(torch.equal(a, b) for a, b in zip(batch, singles))
+
+
+def test_tiny_model_learns_to_write_and_speak_the_reply():
+    """Three questions, each with its own words (1 to 3) and its own spoken reply: a tiny model
+    learns to write the right words and then the right codes, greedy, through generate()."""
+    cfg = monologue_config(codebook_size=16, hidden_dim=96, num_heads=2, encoder_chunk_steps=4,
+                           encoder_left_chunks=4, max_reply_steps=8)
+    torch.manual_seed(0)
+    model = TeluguS2STransformer(cfg)
+    questions = random_codes(cfg, 3, 32, 11) % cfg.codebook_size
+    replies = random_codes(cfg, 3, 12, 12) % cfg.codebook_size  # 3 steps each
+    texts = ["నమస్కారం", "మీరు ఎలా ఉన్నారు", "రేపు వర్షం"]
+    words, lengths = word_batch(model, texts)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(6, dtype=torch.long)
+    for step in range(250):
+        pick = torch.randint(0, 3, (6,), generator=g)
+        out = model(questions[pick], replies[pick], ids, ids, target_text=words[pick], target_text_lengths=lengths[pick])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    model.eval()
+    written = []
+    with torch.no_grad():
+        spoken = model.generate(questions, ids[:3], ids[:3], max_new_tokens=8, temperature=0, on_text=written.append)
+    assert written == [texts], written
+    assert all(torch.equal(s, r) for s, r in zip(spoken, replies)), [s.shape for s in spoken]

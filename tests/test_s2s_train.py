@@ -45,7 +45,8 @@ def corpus(tmp_path_factory):
     def pair(i, history=()):
         return {"input_path": wavs[2 * (i % 6)], "target_path": wavs[2 * (i % 6) + 1], "speaker_id": i % 4,
                 "emotion_id": i % 9, "history": [{"input_path": wavs[2 * h], "target_path": wavs[2 * h + 1]} for h in history],
-                **({"input_text": ["అ", "నా!", "ఇ ల"][i % 3]} if i % 2 == 0 else {})}  # some (short) transcripts
+                **({"input_text": ["అ", "నా!", "ఇ ల"][i % 3]} if i % 2 == 0 else {}),  # some (short) transcripts
+                **({"target_text": ["అమ్మ బాగుంది.", "ఇల్లు పెద్దది, అమ్మ"][i % 3]} if i % 3 != 2 else {})}
 
     write_json(root / "metadata" / "train_pairs.json", [pair(i, [(i + 1) % 6] * (i % 3)) for i in range(8)])
     write_json(root / "metadata" / "validation_pairs.json", [pair(4), pair(5, [0])])
@@ -105,6 +106,49 @@ def test_codec_input_and_augmented_turns_resume_exactly(corpus, tmp_path, capsys
     codec = TeluCodec.from_pretrained(corpus / "codec" / "best_codec.pt")
     assert torch.equal(a["model_state"]["codec_embed.table"], codec.quantizer.inference_tables()["decoded"])
     assert len(list((tmp_path / "tc").rglob("perturbed.pt"))) == 1
+
+
+def test_inner_monologue_learns_its_words_from_the_pairs_and_resumes_exactly(corpus, tmp_path, capsys):
+    """reply_text_weight > 0: the vocabulary comes from the training pairs' target_text, the
+    words' loss and validation figures are logged, a resumed run equals an uninterrupted one, and
+    the shipped model writes words of that vocabulary before it speaks."""
+    write_json(tmp_path / "config.json", {"dropout": 0.1, "reply_text_weight": 1.0, "max_reply_words": 3})
+    extra = ["--config", str(tmp_path / "config.json"), "--num_epochs", "2"]
+    train_s2s.main(args_for(corpus, tmp_path / "a", *extra))
+    assert "reply words" in capsys.readouterr().out
+    train_s2s.main(args_for(corpus, tmp_path / "b", *extra, "--max_steps", "5"))
+    train_s2s.main(args_for(corpus, tmp_path / "b", *extra, "--resume"))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for name, tensor in a["model_state"].items():
+        assert torch.equal(tensor, b["model_state"][name]), name
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    # "అమ్మ" is in every reply with words, the rest in some: most frequent first
+    assert a["config"]["reply_vocab"][0] == "అమ్మ" and set(a["config"]["reply_vocab"]) == {
+        "అమ్మ", "బాగుంది", "ఇల్లు", "పెద్దది"}
+    logged = rows(tmp_path / "a")
+    assert any("reply_text_loss" in r for r in logged if r.get("split", "train") == "train")
+    val = [r for r in logged if "val_reply_text_exact" in r]
+    assert val and {"val_reply_text_accuracy", "val_text_input_gain", "train_reply_text_exact"} <= set(val[-1])
+    model = TeluguS2STransformer.from_pretrained(tmp_path / "a")
+    written = []
+    with torch.no_grad():
+        model.generate(torch.zeros(1, 8, 40, dtype=torch.long), torch.tensor([0]), torch.tensor([0]), max_new_tokens=2,
+                       on_text=written.append)
+    assert all(w in model.config.reply_vocab for w in written[0][0].split())
+    # the words need transcripts: a config that asks for them on pairs without any says so
+    bare = tmp_path / "bare"
+    (bare / "metadata").mkdir(parents=True)
+    for name in ("train_pairs.json", "validation_pairs.json"):
+        pairs = json.loads((corpus / "metadata" / name).read_text())
+        write_json(bare / "metadata" / name, [{k: v for k, v in p.items() if k != "target_text"} for p in pairs])
+    for rel in {p[k] for p in json.loads((corpus / "metadata" / "train_pairs.json").read_text())
+                for k in ("input_path", "target_path")} | {"wavs"}:
+        if rel != "wavs":
+            (bare / rel).parent.mkdir(parents=True, exist_ok=True)
+            (bare / rel).write_bytes((corpus / rel).read_bytes())
+    with pytest.raises(ValueError, match="target_text"):
+        train_s2s.main(args_for(corpus, tmp_path / "c", *extra, data_dir=bare))
 
 
 def test_collate_draws_renderings_of_the_user_turn():

@@ -98,6 +98,26 @@ def test_stream_and_turn_mode_give_the_same_reply(engine):
     assert timings["codec_encode_ms"] > 0
 
 
+def test_a_reply_carries_the_words_its_model_wrote(engine):
+    """A model with an inner monologue writes its words before the first audio; the reply keeps
+    them (the server sends them in response_started) and its audio is what generate() makes."""
+    assert engine.start_reply(request(engine, noise(0.4, 9)))[0].text is None  # speech only: no words
+    torch.manual_seed(1)
+    words = ["నమస్కారం", "బాగున్నారా", "మీరు"]
+    s2s = TeluguS2STransformer(S2SConfig.preset("tiny", reply_text_weight=1.0, reply_vocab=words, max_reply_words=3)).eval()
+    codec = TeluCodec(CodecConfig.preset("tiny")).fold_weight_norm().eval()  # an engine streams its own codec
+    talker = srv.AgentEngine(codec, s2s, torch.device("cpu"), untrained=True, source="test")
+    audio = noise(0.6, 10)
+    reply, first, _ = talker.start_reply(request(talker, audio, steps=4))
+    whole_reply(talker, reply, first)
+    written = []
+    with torch.inference_mode():
+        codes = talker.s2s.generate(reply.user_codes[None], torch.tensor([0]), torch.tensor([0]), max_new_tokens=4,
+                                    min_new_tokens=4, temperature=0.0, on_text=written.append)[0]
+    assert reply.text == written[0][0] and all(w in words for w in reply.text.split())
+    assert torch.equal(torch.cat(reply.codes, -1), codes)
+
+
 def test_interleaved_replies_equal_replies_alone(engine):
     """Two sessions' replies generated step by step, interleaved, sound exactly as each alone
     (the codec decoder's streaming state is per reply)."""
