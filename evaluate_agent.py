@@ -290,9 +290,10 @@ class References:
         return self._sigs[path]
 
 
-def score_reply(wav: np.ndarray, pair: dict, refs: References, kind: str = "answer") -> dict:
+def score_reply(wav: np.ndarray, pair: dict, refs: References, kind: str = "answer", text: str | None = None) -> dict:
     """One reply's row: where the intended text ranks among the candidates, length, and its
-    prosody against the intended text spoken neutrally in the same voice (prosody_shift)."""
+    prosody against the intended text spoken neutrally in the same voice (prosody_shift); with
+    the words the model wrote before speaking (`text`), whether they are the intended answer's."""
     cands = refs.candidates(pair["voice"], pair["emotion"], kind)
     ranked = rank_candidates(wav, cands) if len(wav) else []
     sig = prosody_signature(wav) if len(wav) > SAMPLE_RATE // 10 else None
@@ -302,7 +303,9 @@ def score_reply(wav: np.ndarray, pair: dict, refs: References, kind: str = "answ
             "rank": ranked.index(pair["target_text"]) + 1 if pair["target_text"] in ranked else None,
             "candidates": len(cands), "reply_s": round(len(wav) / SAMPLE_RATE, 3),
             "f0_hz": sig.f0_median_hz if sig else math.nan,
-            **prosody_shift(sig, refs.neutral_signature(pair["voice"], pair["target_text"], kind))}
+            **prosody_shift(sig, refs.neutral_signature(pair["voice"], pair["target_text"], kind)),
+            **({} if text is None else {"reply_text": text,
+                                        "text_match": reply_words(text) == reply_words(pair["target_text"])})}
 
 
 # --------------------------------------------------------------------------------------
@@ -452,10 +455,7 @@ def main(argv=None) -> dict:
                 cache / f"{group}_{i:04d}_{pair_id}.npy",
                 lambda: (agent.round_trip(p["target_path"]), None) if args.oracle else agent.reply(p, seed=args.seed + i))
             reused += hit
-            row = score_reply(wav, p, refs, kind)
-            if text is not None:  # the words the model wrote: the answer it chose, before any audio metric
-                row.update(reply_text=text, text_match=reply_words(text) == reply_words(p["target_text"]))
-            rows.append({**row, "wav": wav})
+            rows.append({**score_reply(wav, p, refs, kind, text), "wav": wav})
             if saved < args.save_wavs:
                 name = f"{group}_{len(rows):03d}_{p['intent_id']}_{p['voice']}_{p['emotion']}.wav"
                 save_audio(out / "replies" / name, wav if len(wav) else np.zeros(160, np.float32))

@@ -356,13 +356,19 @@ def check_s2s_quality(setup: Setup) -> Check:
     chosen = ev.select_pairs(pairs, args.quality_pairs, 0)["first_turn"]
     agent = ev.Agent(setup.codec, setup.s2s, setup.device)  # the server's sampling settings
     refs = ev.References(agent_rows, Path(args.data_dir))
-    rows = [ev.score_reply(agent.reply(p, seed=i), p, refs) for i, p in enumerate(chosen)]
+    rows = []
+    for i, p in enumerate(chosen):
+        wav, text = agent.reply(p, seed=i)
+        rows.append(ev.score_reply(wav, p, refs, text=text))
     acc, top5 = ev.accuracy(rows), ev.accuracy(rows, 5)
     chance = 1 / rows[0]["candidates"]
     values = {"pairs": len(rows), "accuracy": acc, "top5": top5, "chance": chance,
               "median_reply_s": float(np.median([r["reply_s"] for r in rows]))}
     summary = (f"reply accuracy {100 * acc:.0f}% (top-5 {100 * top5:.0f}%) of {len(rows)} held-out questions, "
                f"chance {100 * chance:.1f}%")
+    if "text_match" in rows[0]:  # the inner monologue: did it choose the right words before speaking?
+        values["text_accuracy"] = float(np.mean([r["text_match"] for r in rows]))
+        summary += f"; the words it wrote first are the intended answer's in {100 * values['text_accuracy']:.0f}%"
     return result("s2s_quality", judged(acc >= args.target_reply_accuracy), summary, target, values)
 
 

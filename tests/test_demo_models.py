@@ -46,6 +46,12 @@ def test_shipped_models_are_the_demo_presets():
     s2s = TeluguS2STransformer.from_pretrained(DEMO / "s2s")
     info = json.loads((DEMO / "training.json").read_text())
     shipped_overrides = make_demo_models.s2s_stages(info)[-1]["overrides"]  # the recipe of the stage shipped
+    if s2s.config.reply_text_weight > 0:  # an inner monologue's words are the corpus's own
+        from make_telugu_speech import DIALOGS_PATH
+        from s2s_transformer import reply_words
+
+        assert s2s.config.reply_vocab and set(s2s.config.reply_vocab) <= set(reply_words(Path(DIALOGS_PATH).read_text()))
+        shipped_overrides = {**shipped_overrides, "reply_vocab": s2s.config.reply_vocab}
     assert config_to_dict(s2s.config) == config_to_dict(S2SConfig.preset("demo", **shipped_overrides))
     assert s2s.config.n_codebooks == codec.n_codebooks and s2s.config.codebook_size == codec.codebook_size
     assert info["codec"]["sha256"] == make_demo_models.folder_sha256(DEMO / "codec")
@@ -200,3 +206,35 @@ def test_new_s2s_trains_from_scratch_on_the_shipped_codec(tmp_path, monkeypatch)
         make_demo_models.main(["--new_s2s", "--out", str(out), "--runs", str(tmp_path / "runs2")])
     with pytest.raises(SystemExit, match="leave out --continue_shipped"):
         make_demo_models.main(["--new_s2s", "--continue_shipped", "--out", str(out), "--runs", str(tmp_path / "runs2")])
+
+
+def test_continue_shipped_can_adopt_the_recipe(tmp_path, monkeypatch):
+    """--continue_shipped --adopt_recipe: a stage from the shipped weights under the current
+    recipe's overrides (not those the card records), with the named parts fresh and the recipe's
+    input augmentation for a codec-vector encoder; without --continue_shipped it is refused."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(DEMO, out)
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cmd):
+        calls.append(cmd)
+        raise Stop
+
+    monkeypatch.setattr(make_demo_models, "run", fake_run)
+    monkeypatch.setattr(make_demo_models, "corpus_complete", lambda corpus: True)
+    with pytest.raises(Stop):
+        make_demo_models.main(["--continue_shipped", "--adopt_recipe", "--s2s_init_exclude", "encoder.", "--s2s_steps",
+                               "40", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    cmd = calls[0]
+    run_dir = Path(cmd[cmd.index("--checkpoint_dir") + 1])
+    assert json.loads((run_dir / "overrides.json").read_text()) == make_demo_models.S2S_OVERRIDES
+    assert cmd[cmd.index("--init_from") + 1] == str(out / "s2s") and cmd[cmd.index("--init_exclude") + 1] == "encoder."
+    assert cmd[cmd.index("--schedule_steps") + 1] == "40"
+    assert " ".join(make_demo_models.AUGMENT_FLAGS) in " ".join(cmd)
+    with pytest.raises(SystemExit, match="add --continue_shipped"):
+        make_demo_models.main(["--adopt_recipe", "--out", str(out), "--runs", str(tmp_path / "runs2")])

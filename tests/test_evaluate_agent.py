@@ -239,9 +239,38 @@ def test_system_test_judges_reply_accuracy_on_a_corpus(fake_corpus, monkeypatch)
     random_models = system_test.check_s2s_quality(setup)
     assert random_models.values["pairs"] == 4 and random_models.values["chance"] == pytest.approx(1 / 3, abs=1e-3)
     assert random_models.status == "FAIL" and random_models.values["accuracy"] < 0.9
-    monkeypatch.setattr(ev.Agent, "reply", lambda self, pair, seed: ev.load_audio(pair["target_path"]))
+    monkeypatch.setattr(ev.Agent, "reply", lambda self, pair, seed: (ev.load_audio(pair["target_path"]), None))
     perfect = system_test.check_s2s_quality(setup)
     assert perfect.status == "PASS" and perfect.values["accuracy"] == 1.0
     assert system_test.check_s2s_quality(system_test.Setup(codec, s2s, torch.device("cpu"), False, None, None,
                                                            argparse.Namespace(**{**vars(args), "data_dir": None}))
                                          ).status == "NOT_CHECKED"
+
+
+def test_the_words_a_model_writes_are_scored_and_kept_with_its_replies(fake_corpus, tmp_path):
+    """A model with an inner monologue: each reply's words are kept beside it in the replies
+    cache (a rerun reads them back), scored against the intended answer's words, and reported."""
+    import shutil
+
+    from s2s_transformer import S2SConfig, TeluguS2STransformer
+
+    models = tmp_path / "models"
+    shutil.copytree(fake_corpus / "models" / "codec", models / "codec")
+    torch.manual_seed(0)
+    TeluguS2STransformer(S2SConfig.preset("tiny", reply_text_weight=1.0, reply_vocab=["అమ్మ", "నాన్న"],
+                                           max_reply_words=2)).save(models / "s2s")
+    args = ["--model_dir", str(models), "--data_dir", str(fake_corpus), "--out", str(tmp_path / "eval"),
+            "--max_reply_s", "0.5", "--codec_files", "2", "--threads", "1"]
+    first = ev.main(args)
+    words = sorted((tmp_path / "eval" / "replies_cache").glob("*/*.txt"))
+    assert len(words) == 8 and all(set(w.read_text().split()) <= {"అమ్మ", "నాన్న", "?"} for w in words)  # ?: unknown word
+    saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["replies"]["first_turn"]
+    assert [r["reply_text"] for r in saved] == [w.read_text() for w in words if w.name.startswith("first_turn")]
+    assert "text_accuracy" in first["first_turn"] and "by the words the model wrote" in (tmp_path / "eval" / "evaluation.md").read_text()
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert strip(ev.main(args)) == strip(first)  # the cached replies come back with their words
+    refs = ev.References(ev.load_split(fake_corpus, "test")[1], fake_corpus)
+    pair = {"intent_id": "i", "voice": "Arjun", "emotion": "neutral", "target_text": "అమ్మ, నాన్న!"}
+    assert ev.score_reply(np.zeros(0, np.float32), pair, refs, text="అమ్మ నాన్న")["text_match"] is True
+    assert ev.score_reply(np.zeros(0, np.float32), pair, refs, text="అమ్మ")["text_match"] is False
+    assert "text_match" not in ev.score_reply(np.zeros(0, np.float32), pair, refs)
