@@ -27,6 +27,11 @@ decoded to audio. Then:
                    shares, the model's or the codec's, cancels); next to the same figures for
                    the intended reference renderings (the design).
   codec            PESQ-WB, STOI, SNR of the split's recordings through the codec alone.
+  words            with a model that writes its reply's words before speaking (inner
+                   monologue): the share of replies whose words are exactly the intended
+                   answer's (punctuation aside); which answer it chose, apart from how well it
+                   then says it. --say_intended measures the other half: the model speaks the
+                   intended answer's words, and reply accuracy then says how well it says them.
 
 Writes <out>/evaluation.json, <out>/evaluation.md and a few replies as WAVs to listen to. Each
 reply is also kept in <out>/replies_cache/<key>/ as it is made (key: the weights, the split and the
@@ -316,9 +321,10 @@ class Agent:
     """Codec + S2S as the server runs them, offline: question WAV -> reply audio."""
 
     def __init__(self, codec: TeluCodec, s2s: TeluguS2STransformer | None, device: torch.device,
-                 temperature: float = 0.8, top_k: int = 50, max_reply_s: float = 6.0):
+                 temperature: float = 0.8, top_k: int = 50, max_reply_s: float = 6.0, say_intended: bool = False):
         self.codec, self.s2s = codec, s2s
         self.device, self.temperature, self.top_k = device, temperature, top_k
+        self.say_intended = say_intended  # the model speaks the intended answer's words, not its own
         self.max_steps = 0 if s2s is None else int(max_reply_s * 1000 / s2s.config.step_ms)
         self._codes: dict[str, torch.Tensor] = {}
 
@@ -363,8 +369,8 @@ class Agent:
         out = self.s2s.generate(codes, torch.tensor([pair["speaker_id"]], device=self.device),
                                 torch.tensor([pair["emotion_id"]], device=self.device), max_new_tokens=self.max_steps,
                                 context=self.context([pair]), temperature=self.temperature, top_k=self.top_k or None,
-                                on_text=texts.append)[0]
-        text = texts[0][0] if texts else None
+                                on_text=texts.append, say=[pair["target_text"]] if self.say_intended else None)[0]
+        text = texts[0][0] if texts and not self.say_intended else None  # forced words say nothing of its choice
         if out.shape[1] == 0:
             return np.zeros(0, np.float32), text
         return self.codec.decode(out[None].to(self.device))[0, 0].float().cpu().numpy(), text
@@ -376,7 +382,8 @@ def cache_key(model_dir: Path, args) -> str:
     for sub in ("codec",) if args.oracle else ("codec", "s2s"):
         for f in weight_files(model_dir / sub):
             h.update(f.read_bytes())
-    h.update(repr((args.split, args.temperature, args.top_k, args.max_reply_s, args.seed, args.oracle)).encode())
+    h.update(repr((args.split, args.temperature, args.top_k, args.max_reply_s, args.seed, args.oracle)
+                  + ((True,) if args.say_intended else ())).encode())
     return h.hexdigest()[:16]
 
 
@@ -419,6 +426,9 @@ def parse_args(argv=None):
     p.add_argument("--oracle", action="store_true",
                    help="calibration: score the codec round trip of each intended reference instead of the S2S "
                         "reply (the best this codec and metric allow)")
+    p.add_argument("--say_intended", action="store_true",
+                   help="a model with an inner monologue speaks the intended answer's words instead of its own: "
+                        "how well it says an answer once chosen right (the speech half alone)")
     p.add_argument("--voice_refs", type=int, default=6,
                    help="train-split answers per voice and emotion for the voice classifier (default 6)")
     p.add_argument("--save_wavs", type=int, default=12, help="replies written as WAVs for listening")
@@ -440,7 +450,10 @@ def main(argv=None) -> dict:
 
     pairs, agent_rows = load_split(data_dir, args.split)
     chosen = select_pairs(pairs, args.num_pairs, args.num_context)
-    agent = Agent.load(Path(args.model_dir), device, args.temperature, args.top_k, args.max_reply_s, codec_only=args.oracle)
+    agent = Agent.load(Path(args.model_dir), device, args.temperature, args.top_k, args.max_reply_s, args.say_intended,
+                       codec_only=args.oracle)
+    if args.say_intended and (agent.s2s is None or agent.s2s.reply_head is None):
+        raise SystemExit("--say_intended needs an S2S model with an inner monologue (reply_text_weight > 0)")
 
     refs = References(agent_rows, data_dir)
     cache = out / "replies_cache" / cache_key(Path(args.model_dir), args)
@@ -470,7 +483,8 @@ def main(argv=None) -> dict:
 
     first = results["first_turn"]
     report: dict = {"model_dir": str(args.model_dir), "data_dir": str(data_dir), "split": args.split,
-                    "reply_source": "codec round trip of the intended reference (--oracle)" if args.oracle else "S2S",
+                    "reply_source": "codec round trip of the intended reference (--oracle)" if args.oracle else
+                    "S2S, speaking the intended answer's words (--say_intended)" if args.say_intended else "S2S",
                     "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
                     "max_reply_s": args.max_reply_s}
     for group, rows in results.items():
@@ -541,7 +555,7 @@ def shown(path: str) -> str:
 
 def markdown(r: dict) -> str:
     lines = [f"Evaluation on the {r['split']} split ({shown(r['model_dir'])}; sampling T={r['temperature']}, "
-             f"top-k {r['top_k']})", "",
+             f"top-k {r['top_k']}" + ("" if r["reply_source"] == "S2S" else f"; replies: {r['reply_source']}") + ")", "",
              "| measure | result | chance / target |", "|---|---|---|"]
     for group, label, target in (("first_turn", "reply accuracy (nearest answer by DTW)", ">= 90%"),
                                  ("repeat_that", "'repeat that' reproduces the previous answer", "-"),

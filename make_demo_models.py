@@ -20,7 +20,9 @@ fp16 weights are what carries over. `--continue_shipped --s2s_steps N` trains th
 for N more steps on the shipped codec's tokens (stages 2-3 skipped; a stage of its own with a fresh
 optimizer, warm-up and a cosine decay ending at step N, in runs/s2s_demo_from_<sha of the weights>,
 resumable like any run), ships the result and appends the stage to training.json, so the model card
-lists every stage the weights went through, and replaying them reproduces the weights.
+lists every stage the weights went through, and replaying them reproduces the weights. A continued
+stage keeps the overrides the card records; `--adopt_recipe` trains it under the current recipe's
+(S2S_OVERRIDES: parts the recipe adds start fresh, and `--s2s_init_exclude` names others to re-initialise).
 `--new_s2s --s2s_steps N` trains a new S2S model from scratch with the current recipe on the shipped
 codec's tokens (stages 2-3 skipped), in runs/s2s_demo_on_<sha of the codec>, to step N of the full
 recipe's schedule: rerun it with a larger N to continue, in this session or a later one that kept

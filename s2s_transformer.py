@@ -57,6 +57,17 @@ said (Translatotron's auxiliary recognition targets); word dropout on the decode
 some of the reply's own past, so the decoder must take what comes next from the memory. The CTC
 head also gives a transcript of the user's turn (transcribe).
 
+Inner monologue (S2SConfig.reply_text_weight > 0; Moshi's idea, as a prefix rather than a time-
+aligned stream): the decoder first writes the reply's words, one token per word of reply_vocab
+(BOS, the words, EOT), then speaks. Which words to say is all the question decides, a small
+target that the decoder can only predict by reading the memory; the speech after them reads its
+content off them through self-attention, as a TTS model reads its text. The words cost a decoder
+step each (no codebook head) before the first audio, a few ms on a CPU. A batch's prefixes are
+left-padded (the padding hidden), so every row's speech starts at the same position and relative
+positions are those of an unpadded reply; cross-attention queries are rotated by the speech step
+(0 for the words), so reading the memory does not depend on how many words came first. Pairs
+without a transcript train the speech after [BOS, EOT] and add no words' loss.
+
 Conditioning: speaker and emotion vectors (speaker_embeddings.py; ids or mixing weights, so
 voices interpolate) plus a summary of the user's turn are added to every decoder step.
 
@@ -1316,11 +1327,20 @@ class TeluguS2STransformer(nn.Module):
         """Decoder positions a reply's text can take before its speech: BOS, the words, EOT."""
         return self.config.max_reply_words + 2 if self.reply_head is not None else 0
 
-    def begin_reply(self, state: ReplyState, text_temperature: float = 0.0):
+    def begin_reply(self, state: ReplyState, text_temperature: float = 0.0, words: list[list[int]] | None = None):
         """Run the decoder up to the reply's first speech step: BOS, and with an inner monologue
-        the reply's words (sampled at text_temperature, 0 = greedy) and EOT. Returns (h (B, D),
-        stop logit (B,), offset: the buffer position of the state that predicts speech step 0 (the
-        codes of step i go in at offset + 1 + i), the word ids of each row (None without text))."""
+        the reply's words (sampled at text_temperature, 0 = greedy; or `words`, B lists of word ids
+        to say instead) and EOT. Returns (h (B, D), stop logit (B,), offset: the buffer position of
+        the state that predicts speech step 0 (the codes of step i go in at offset + 1 + i), the
+        word ids of each row (None without text))."""
+        if words is not None:
+            if self.reply_head is None:
+                raise ValueError("this model has no inner monologue (reply_text_weight 0): it takes no words to say")
+            if len(words) != state.condition.shape[0] or any(len(w) > self.config.max_reply_words for w in words):
+                raise ValueError(f"words: one list per batch row, at most max_reply_words = "
+                                 f"{self.config.max_reply_words} each")
+            h, stop_logit = self._prefill_reply_text(state, words)
+            return h, stop_logit, max(len(w) for w in words) + 1, words
         h, stop_logit = self.decode_step(state, None, torch.tensor([0], device=self.device))
         if self.reply_head is None:
             return h, stop_logit, 0, None
@@ -1353,7 +1373,7 @@ class TeluguS2STransformer(nn.Module):
         and mark the padding in state.key_valid; returns h, stop logit at EOT (position P - 1)."""
         cfg = self.config
         lengths = torch.tensor([len(w) for w in words], device=self.device)
-        text = torch.zeros(len(words), int(lengths.max()), dtype=torch.long, device=self.device)
+        text = torch.zeros(len(words), max(1, int(lengths.max())), dtype=torch.long, device=self.device)
         for row, w in enumerate(words):
             text[row, : len(w)] = torch.tensor(w, dtype=torch.long)
         x, key_valid, _ = self._reply_prefix(len(words), text, lengths)
@@ -1366,8 +1386,9 @@ class TeluguS2STransformer(nn.Module):
         for layer, cache, kv, bias in zip(self.decoder, state.self_kv, state.cross_kv, state.cross_bias):
             x = layer(x, cos, sin, cross_kv=kv, cross_bias=bias, cache=cache, input_pos=pos, self_mask=mask, kv_len=p,
                       cross_rope=cross_rope)
-        state.key_valid = torch.ones(len(words), state.capacity, dtype=torch.bool, device=self.device)
-        state.key_valid[:, :p] = key_valid
+        if not bool(key_valid.all()):
+            state.key_valid = torch.ones(len(words), state.capacity, dtype=torch.bool, device=self.device)
+            state.key_valid[:, :p] = key_valid
         h = self.decoder_norm(x)[:, -1]
         return h, self.stop_head(h).squeeze(-1)
 
@@ -1435,7 +1456,7 @@ class TeluguS2STransformer(nn.Module):
         return self.start_reply(Memory.cat([context, turn]), condition, capacity, kv)
 
     def _stream(self, codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
-                chunk_steps, stop_threshold, min_new_tokens, text_temperature=0.0, on_text=None):
+                chunk_steps, stop_threshold, min_new_tokens, text_temperature=0.0, on_text=None, say=None):
         """Yields (codes (B, K, f), ended (B,) bool: which items have ended by now)."""
         cfg = self.config
         max_new_tokens = cfg.max_reply_steps if max_new_tokens is None else int(max_new_tokens)
@@ -1443,12 +1464,13 @@ class TeluguS2STransformer(nn.Module):
             raise ValueError("max_new_tokens and chunk_steps must be >= 1")
         with eval_mode(self):
             yield from self._stream_eval(codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
-                                         chunk_steps, stop_threshold, min_new_tokens, text_temperature, on_text)
+                                         chunk_steps, stop_threshold, min_new_tokens, text_temperature, on_text, say)
 
     def _stream_eval(self, codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
-                     chunk_steps, stop_threshold, min_new_tokens, text_temperature, on_text):
+                     chunk_steps, stop_threshold, min_new_tokens, text_temperature, on_text, say):
         state = self._prepare(codes, speaker_id, emotion_id, context, max_new_tokens + self.reply_text_slots)
-        h, stop_logit, offset, words = self.begin_reply(state, text_temperature)
+        forced = None if say is None else [self.reply_ids(t) for t in say]
+        h, stop_logit, offset, words = self.begin_reply(state, text_temperature, forced)
         if on_text is not None and words is not None:
             on_text([self.reply_text(w) for w in words])
         b = state.condition.shape[0]
@@ -1486,6 +1508,7 @@ class TeluguS2STransformer(nn.Module):
         min_new_tokens: int = 1,
         text_temperature: float = 0.0,
         on_text=None,
+        say: list[str] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Generate the reply, yielding codes (B, K, chunk_steps * frames_per_step) as soon as
         each chunk exists; stops when the end-of-reply head fires (for every batch item) or after
@@ -1498,20 +1521,22 @@ class TeluguS2STransformer(nn.Module):
         context: earlier turns (ContextTurns, or the Memory from encode_context, which caches
         its cross-attention K/V for later replies). temperature 0 is greedy. With an inner monologue
         (reply_text_weight > 0) the reply's words come first (text_temperature, 0 = greedy), and
-        on_text, if given, is called with their B texts before the first chunk.
+        on_text, if given, is called with their B texts before the first chunk; `say` (B texts) makes
+        the model speak those words instead of its own (what it would say given the right words).
         """
         for chunk, _ in self._stream(codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
-                                     chunk_steps, stop_threshold, min_new_tokens, text_temperature, on_text):
+                                     chunk_steps, stop_threshold, min_new_tokens, text_temperature, on_text, say):
             yield chunk
 
     @torch.inference_mode()
     def generate(self, codes, speaker_id, emotion_id, max_new_tokens=None, context=None, temperature=0.8,
-                 top_k=50, stop_threshold=0.5, min_new_tokens=1, text_temperature=0.0, on_text=None) -> list[torch.Tensor]:
+                 top_k=50, stop_threshold=0.5, min_new_tokens=1, text_temperature=0.0, on_text=None,
+                 say=None) -> list[torch.Tensor]:
         """The whole reply of each batch item: a list of B LongTensors (K, F_b), each cut where that
-        item's end-of-reply head fired (on_text: as generate_streaming)."""
+        item's end-of-reply head fired (on_text, say: as generate_streaming)."""
         chunks, ends = [], []
         for chunk, ended in self._stream(codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
-                                         1, stop_threshold, min_new_tokens, text_temperature, on_text):
+                                         1, stop_threshold, min_new_tokens, text_temperature, on_text, say):
             chunks.append(chunk)
             ends.append(ended)
         if not chunks:

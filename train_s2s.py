@@ -14,7 +14,9 @@ Data: <data_dir>/metadata/{train,validation}_pairs.json, lists of {"input_path",
 paths relative to <data_dir> (or absolute). A pair with history trains the context path: its earlier
 turns (user, agent, user, ...; the last S2SConfig.max_context_turns of them) become `context`.
 "input_text" (optional: the user turn's transcript) feeds the encoder's CTC loss when the config has
-encoder_ctc_weight > 0; pairs without it simply add no CTC loss.
+encoder_ctc_weight > 0; pairs without it simply add no CTC loss. "target_text" (optional: the
+reply's transcript) is what a model with reply_text_weight > 0 writes before it speaks (the inner
+monologue); a new model's word vocabulary (reply_vocab) is built from the training pairs' target_text.
 
 Token cache: every WAV the pairs refer to is encoded once with the codec and kept as int16 codes
 in <token_cache>/<codec id>/shard-*.pt (default <data_dir>/token_cache). The codec id hashes the
@@ -31,14 +33,17 @@ turn's renderings at random (validation reads the originals). With --config '{"e
 own vectors (copied from --codec_path when the run starts) instead of learned embeddings.
 
 Training: loss = mean over codebooks of cross-entropy + end-of-reply loss (+ encoder_ctc_weight x the
-CTC of the user turn's text; decoder_input_dropout hides some of the reply's past); AdamW, linear warm-up
+CTC of the user turn's text; + reply_text_weight x the cross-entropy of the reply's words;
+decoder_input_dropout hides some of the reply's past); AdamW, linear warm-up
 then cosine decay (training.lr_at, over --num_epochs or --schedule_steps), gradient clipping, bf16
 autocast where bf16 is native (CUDA; CPUs with AMX / AVX512-BF16; --precision).
 Validation (each epoch, or every --eval_every steps and at the run's last step): loss, token
 accuracy and perplexity per codebook, end-of-reply accuracy, and val_input_gain (how much lower
 the loss is with each reply's own question than with another's: near 0, the model ignores what
 was asked), and with a text head the CTC loss and character error rate of its transcripts
-(val_text_loss, val_cer). The same figures on the first --eval_train_batches batches of training
+(val_text_loss, val_cer), and with an inner monologue the reply words' loss, teacher-forced
+accuracy, exact replies and input gain (val_reply_text_exact, val_text_input_gain, ...). The same
+figures on the first --eval_train_batches batches of training
 pairs (train_input_gain, train_cer, ...) tell whether the model reads even the questions it learns
 from.
 

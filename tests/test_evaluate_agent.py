@@ -274,3 +274,7 @@ def test_the_words_a_model_writes_are_scored_and_kept_with_its_replies(fake_corp
     assert ev.score_reply(np.zeros(0, np.float32), pair, refs, text="అమ్మ నాన్న")["text_match"] is True
     assert ev.score_reply(np.zeros(0, np.float32), pair, refs, text="అమ్మ")["text_match"] is False
     assert "text_match" not in ev.score_reply(np.zeros(0, np.float32), pair, refs)
+    told = ev.main(args + ["--say_intended", "--out", str(tmp_path / "told")])  # the speech half alone
+    assert "intended answer's words" in told["reply_source"] and "text_accuracy" not in told["first_turn"]
+    with pytest.raises(SystemExit, match="inner monologue"):
+        ev.main(args + ["--say_intended", "--model_dir", str(fake_corpus / "models"), "--out", str(tmp_path / "x")])

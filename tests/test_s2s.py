@@ -595,6 +595,16 @@ def test_batched_monologue_replies_equal_single_replies():
             assert one[0][0] == texts[0][row]
     assert len(texts[0][0].split()) != len(texts[0][1].split())  # the case under test: different lengths
     assert all(torch.equal(a, b) for a, b in zip(batch, singles))
+    # words given to say (different lengths again) are spoken as the model's own would be
+    say = ["మీరు ఎలా ఉన్నారు", "వర్షం"]
+    with torch.no_grad():
+        forced = model.generate(codes, spk, emo, max_new_tokens=5, min_new_tokens=5, temperature=0, say=say,
+                                on_text=texts.append)
+        alone = [model.generate(codes[r : r + 1], spk[r : r + 1], emo[r : r + 1], max_new_tokens=5, min_new_tokens=5,
+                                temperature=0, say=say[r : r + 1])[0] for r in range(2)]
+    assert texts[-1] == say and all(torch.equal(a, b) for a, b in zip(forced, alone))
+    with pytest.raises(ValueError, match="no inner monologue"):
+        make_model(tiny_config()).generate(codes, spk, emo, max_new_tokens=2, say=say)
 
 
 def test_tiny_model_learns_to_write_and_speak_the_reply():
@@ -623,3 +633,6 @@ def test_tiny_model_learns_to_write_and_speak_the_reply():
         spoken = model.generate(questions, ids[:3], ids[:3], max_new_tokens=8, temperature=0, on_text=written.append)
     assert written == [texts], written
     assert all(torch.equal(s, r) for s, r in zip(spoken, replies)), [s.shape for s in spoken]
+    with torch.no_grad():  # told the right words, it says them as it would on its own
+        said = model.generate(questions, ids[:3], ids[:3], max_new_tokens=8, temperature=0, say=texts)
+    assert all(torch.equal(s, r) for s, r in zip(said, replies))
