@@ -165,17 +165,18 @@ def test_refuses_shipped_weights_the_card_does_not_describe(tmp_path, flag):
     assert not (tmp_path / "runs").exists()  # refused before any work
 
 
-def test_new_s2s_trains_from_scratch_on_the_shipped_codec(tmp_path, monkeypatch):
-    """--new_s2s: no codec stage, a run named after the shipped codec, the recipe's own flags (no
-    --init_from), and nothing shipped until training returns."""
+class Stop(Exception):
+    """Raised by a fake phase script: make_demo_models got as far as training the S2S model."""
+
+
+@pytest.fixture
+def stage_calls(tmp_path, monkeypatch):
+    """A copy of the shipped models in tmp_path/demo, and the phase-script commands make_demo_models
+    runs (recorded; the S2S training raises Stop), with the corpus taken as built."""
     import shutil
 
-    out = tmp_path / "demo"
-    shutil.copytree(DEMO, out)
+    shutil.copytree(DEMO, tmp_path / "demo")
     calls = []
-
-    class Stop(Exception):
-        pass
 
     def fake_run(cmd):
         calls.append(cmd)
@@ -184,6 +185,13 @@ def test_new_s2s_trains_from_scratch_on_the_shipped_codec(tmp_path, monkeypatch)
 
     monkeypatch.setattr(make_demo_models, "run", fake_run)
     monkeypatch.setattr(make_demo_models, "corpus_complete", lambda corpus: True)
+    return calls
+
+
+def test_new_s2s_trains_from_scratch_on_the_shipped_codec(tmp_path, stage_calls):
+    """--new_s2s: no codec stage, a run named after the shipped codec, the recipe's own flags (no
+    --init_from), and nothing shipped until training returns."""
+    out, calls = tmp_path / "demo", stage_calls
     with pytest.raises(Stop):
         make_demo_models.main(["--new_s2s", "--s2s_steps", "50", "--out", str(out), "--runs", str(tmp_path / "runs")])
     assert len(calls) == 1, "only the S2S stage runs: the codec is the shipped one"
@@ -208,25 +216,11 @@ def test_new_s2s_trains_from_scratch_on_the_shipped_codec(tmp_path, monkeypatch)
         make_demo_models.main(["--new_s2s", "--continue_shipped", "--out", str(out), "--runs", str(tmp_path / "runs2")])
 
 
-def test_continue_shipped_can_adopt_the_recipe(tmp_path, monkeypatch):
+def test_continue_shipped_can_adopt_the_recipe(tmp_path, stage_calls):
     """--continue_shipped --adopt_recipe: a stage from the shipped weights under the current
     recipe's overrides (not those the card records), with the named parts fresh and the recipe's
     input augmentation for a codec-vector encoder; without --continue_shipped it is refused."""
-    import shutil
-
-    out = tmp_path / "demo"
-    shutil.copytree(DEMO, out)
-    calls = []
-
-    class Stop(Exception):
-        pass
-
-    def fake_run(cmd):
-        calls.append(cmd)
-        raise Stop
-
-    monkeypatch.setattr(make_demo_models, "run", fake_run)
-    monkeypatch.setattr(make_demo_models, "corpus_complete", lambda corpus: True)
+    out, calls = tmp_path / "demo", stage_calls
     with pytest.raises(Stop):
         make_demo_models.main(["--continue_shipped", "--adopt_recipe", "--s2s_init_exclude", "encoder.", "--s2s_steps",
                                "40", "--out", str(out), "--runs", str(tmp_path / "runs")])
