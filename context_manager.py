@@ -3,7 +3,8 @@
 Each turn keeps who spoke (user / agent), the codec codes (K, F) of what was said, its start and
 end on the session clock (seconds), and for agent turns whether the user interrupted: then only
 what the user actually heard is kept (the first `heard` frames), since that is what the
-conversation contains, and `generated_frames` remembers how much had been generated.
+conversation contains, and `generated_frames` remembers how much had been generated. An agent
+turn also keeps the words its model wrote before speaking (`text`, inner monologue), whole.
 
 Budget: at most `max_turns` turns (10; the model's S2SConfig.max_context_turns) and `max_frames`
 codec frames over all kept turns (6000 = 30 s at 200 frames/s: the decoder cross-attends to all
@@ -58,6 +59,9 @@ class Turn:
     generated_frames: int | None = None  # agent turns: frames generated (>= frames kept when interrupted)
     truncated: bool = False  # cut to the frame budget
     turn_id: int = 0
+    # agent turns: the words the model wrote before speaking (its inner monologue), all of them even
+    # when the user heard only part: what the agent meant to say, for "repeat that"; None: unknown
+    text: str | None = None
 
     @property
     def n_frames(self) -> int:
@@ -69,13 +73,14 @@ class Turn:
             "turn_id": self.turn_id, "role": self.role, "start_s": self.start_s, "end_s": self.end_s,
             "interrupted": self.interrupted, "generated_frames": self.generated_frames, "truncated": self.truncated,
             "shape": list(codes.shape), "codes": base64.b64encode(codes.astype("<i2").tobytes()).decode("ascii"),
+            "text": self.text,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Turn:
         raw = np.frombuffer(base64.b64decode(d["codes"]), dtype="<i2").reshape(d["shape"])
         return cls(d["role"], torch.from_numpy(raw.astype(np.int64)), float(d["start_s"]), float(d["end_s"]),
-                   bool(d["interrupted"]), d["generated_frames"], bool(d["truncated"]), int(d["turn_id"]))
+                   bool(d["interrupted"]), d["generated_frames"], bool(d["truncated"]), int(d["turn_id"]), d.get("text"))
 
 
 class ContextManager:
@@ -147,9 +152,10 @@ class ContextManager:
 
     def add_agent_turn(self, codes: torch.Tensor, start_s: float | None = None, end_s: float | None = None,
                        interrupted: bool = False, heard_frames: int | None = None,
-                       heard_s: float | None = None) -> Turn:
-        """Remember the agent's reply. When the user interrupted, pass `heard_frames` (or
-        `heard_s`, seconds of playback): only that much is kept."""
+                       heard_s: float | None = None, text: str | None = None) -> Turn:
+        """Remember the agent's reply, and `text`, the words it wrote before speaking (if its model
+        has an inner monologue). When the user interrupted, pass `heard_frames` (or `heard_s`,
+        seconds of playback): only that much audio is kept."""
         codes = self._codes(codes)
         generated = codes.shape[-1]
         heard = self._heard(generated, heard_frames, heard_s)
@@ -158,7 +164,7 @@ class ContextManager:
         elif interrupted:
             raise ValueError("an interrupted agent turn needs heard_frames or heard_s (how much the user heard)")
         kept = codes[:, :heard] if heard is not None else codes
-        return self._add(Turn("agent", kept, *self._times(kept, start_s, end_s), interrupted, generated))
+        return self._add(Turn("agent", kept, *self._times(kept, start_s, end_s), interrupted, generated, text=text))
 
     def _heard(self, generated: int, heard_frames, heard_s) -> int | None:
         if heard_frames is None and heard_s is None:
@@ -212,7 +218,7 @@ class ContextManager:
 
         if not self.turns:
             return None
-        return ContextTurns.from_turns([[(ROLES.index(t.role), t.codes) for t in self.turns]])
+        return ContextTurns.from_turns([[(ROLES.index(t.role), t.codes, t.text) for t in self.turns]])
 
     def context_memory(self, model):
         """model.prepare_context(model_context()): the turns encoded, cross-attention K/V included,

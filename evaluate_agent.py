@@ -348,8 +348,9 @@ class Agent:
     def context(self, pairs: list[dict]) -> ContextTurns | None:
         convs = []
         for p in pairs:
-            turns = [t for h in p.get("history") or [] for t in ((ROLE_USER, self.codes(h["input_path"])),
-                                                                 (ROLE_AGENT, self.codes(h["target_path"])))]
+            turns = [t for h in p.get("history") or [] for t in ((ROLE_USER, self.codes(h["input_path"]), None),
+                                                                 (ROLE_AGENT, self.codes(h["target_path"]),
+                                                                  h.get("target_text") or None))]
             convs.append(turns[-self.s2s.config.max_context_turns:])
         if not any(convs):
             return None

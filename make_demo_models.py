@@ -79,10 +79,11 @@ CODEC_FLAGS = ["--preset", "demo", "--batch_size", "8", "--learning_rate", "1e-3
 # and every training question also rendered in 3 new pseudo-voices (README: a 10-intent run reads
 # held-out voices with CER 46% this way at 600 steps, 87% with learned code embeddings).
 # And the inner monologue: the decoder writes the reply's words before it speaks them (README: the
-# words are what the question decides, and the speech after them reads its content off them).
+# words are what the question decides, and the speech after them reads its content off them), and
+# remembers the words of its earlier turns (so "repeat that" is a copy from the memory).
 S2S_OVERRIDES = {"dropout": 0.0, "encoder_ctc_weight": 0.5, "decoder_input_dropout": 0.3,
                  "encoder_input": "codec", "codec_latent_dim": CodecConfig.preset("demo").latent_dim,
-                 "reply_text_weight": 1.0}
+                 "reply_text_weight": 1.0, "context_words": True}
 AUGMENT_FLAGS = ["--input_augment_copies", "3"]  # for a model whose encoder reads the codec's vectors
 S2S_FLAGS = ["--preset", "demo", "--num_epochs", "30", "--learning_rate", "5e-4", "--warmup_steps", "200",
              "--eval_every", "500", "--save_every", "100", "--max_val_batches", "25", "--experiment_name", "s2s_demo",

@@ -65,7 +65,8 @@ content off them through self-attention, as a TTS model reads its text. The word
 step each (no codebook head) before the first audio, a few ms on a CPU. A batch's prefixes are
 left-padded (the padding hidden), so every row's speech starts at the same position and relative
 positions are those of an unpadded reply; cross-attention queries are rotated by the speech step
-(0 for the words), so reading the memory does not depend on how many words came first. Pairs
+(the words by how many were written: the k-th word can copy the k-th word of an earlier turn),
+so reading the memory does not depend on how many words came first. Pairs
 without a transcript train the speech after [BOS, EOT] and add no words' loss.
 
 Conditioning: speaker and emotion vectors (speaker_embeddings.py; ids or mixing weights, so
@@ -161,6 +162,9 @@ class S2SConfig:
     reply_text_weight: float = 0.0
     reply_vocab: list[str] = field(default_factory=list)
     max_reply_words: int = 24
+    # The agent's earlier turns are remembered by their words too (the words it wrote before
+    # speaking them), next to their encoded audio: "repeat that" is then a copy from the memory.
+    context_words: bool = False
     rope_base: float = 10000.0
     use_flash_attn: bool = False  # flash_attn where it computes the same as SDPA; SDPA otherwise
 
@@ -212,6 +216,9 @@ class S2SConfig:
                              "the training pairs' target_text (build_reply_vocab)")
         if len(set(self.reply_vocab)) != len(self.reply_vocab) or any(not w or w != w.strip() for w in self.reply_vocab):
             raise ValueError("reply_vocab must hold distinct words without spaces (build_reply_vocab makes one)")
+        if self.context_words and self.reply_text_weight <= 0:
+            raise ValueError("context_words remembers the words of the agent's turns: it needs an inner monologue "
+                             "(reply_text_weight > 0)")
         self.n_reply_tokens = REPLY_FIRST + len(self.reply_vocab)
         self.n_turn_slots = 2 * (self.max_context_turns + 1)
         self.step_ms = 1000.0 * self.frames_per_step / self.codec_frame_rate
@@ -319,7 +326,8 @@ class ContextTurns:
 
     codes (N, K, F) holds N turns padded at the end (any value) to the longest; lengths (N,) their
     frames; roles (N,) ROLE_USER / ROLE_AGENT; ages (N,) 1 for the latest earlier turn, 2 for the
-    one before...; batch_index (N,) the conversation each turn belongs to.
+    one before...; batch_index (N,) the conversation each turn belongs to; texts (N,) the words of
+    an agent turn (what its inner monologue wrote) or None, read by models with context_words.
     """
 
     codes: torch.Tensor
@@ -328,32 +336,37 @@ class ContextTurns:
     ages: torch.Tensor
     batch_index: torch.Tensor
     batch_size: int
+    texts: list | None = None
 
     @classmethod
-    def from_turns(cls, conversations: list[list[tuple[int, torch.Tensor]]]) -> ContextTurns:
-        """From B lists (one per conversation, oldest first) of (role, codes (K, F)) pairs."""
-        turns = [(b, i, role, codes) for b, conv in enumerate(conversations) for i, (role, codes) in enumerate(conv)]
+    def from_turns(cls, conversations: list[list[tuple]]) -> ContextTurns:
+        """From B lists (one per conversation, oldest first) of (role, codes (K, F)) or (role,
+        codes, text) turns (text: the agent's words, or None)."""
+        turns = [(b, i, turn[0], turn[1], turn[2] if len(turn) > 2 else None)
+                 for b, conv in enumerate(conversations) for i, turn in enumerate(conv)]
         if not turns:
             raise ValueError("ContextTurns.from_turns: no turns; pass context=None for a first turn")
-        n_frames = max(int(c.shape[-1]) for *_, c in turns)
+        n_frames = max(int(c.shape[-1]) for _, _, _, c, _ in turns)
         k = turns[0][3].shape[0]
         codes = torch.zeros(len(turns), k, n_frames, dtype=torch.long)
-        for j, (*_, c) in enumerate(turns):
+        for j, (_, _, _, c, _) in enumerate(turns):
             if c.dim() != 2 or c.shape[0] != k or c.shape[1] == 0:
                 raise ValueError(f"context turn codes must be (n_codebooks={k}, frames>0); got {tuple(c.shape)}")
             codes[j, :, : c.shape[1]] = c
+        texts = [t for *_, t in turns]
         return cls(
             codes=codes,
-            lengths=torch.tensor([c.shape[1] for *_, c in turns]),
-            roles=torch.tensor([r for _, _, r, _ in turns]),
-            ages=torch.tensor([len(conversations[b]) - i for b, i, _, _ in turns]),
+            lengths=torch.tensor([c.shape[1] for _, _, _, c, _ in turns]),
+            roles=torch.tensor([r for _, _, r, _, _ in turns]),
+            ages=torch.tensor([len(conversations[b]) - i for b, i, *_ in turns]),
             batch_index=torch.tensor([b for b, *_ in turns]),
             batch_size=len(conversations),
+            texts=texts if any(t for t in texts) else None,
         )
 
     def to(self, device) -> ContextTurns:
         return ContextTurns(self.codes.to(device), self.lengths.to(device), self.roles.to(device),
-                            self.ages.to(device), self.batch_index.to(device), self.batch_size)
+                            self.ages.to(device), self.batch_index.to(device), self.batch_size, self.texts)
 
 
 @dataclass
@@ -929,6 +942,8 @@ class TeluguS2STransformer(nn.Module):
         if cfg.reply_text_weight > 0:
             self.reply_embed, self.reply_head = nn.Embedding(cfg.n_reply_tokens, d), nn.Linear(d, cfg.n_reply_tokens)
         self.reply_index = {w: REPLY_FIRST + i for i, w in enumerate(cfg.reply_vocab)}
+        # tells the agent turns' words in the memory from encoded audio (context_words)
+        self.context_word_tag = nn.Parameter(torch.randn(d)) if cfg.context_words else None
         n_out = cfg.n_codebooks * cfg.frames_per_step * cfg.codebook_size
         self.depth = DepthHead(cfg) if cfg.depth_dim else None
         self.parallel_head = None if cfg.depth_dim else nn.Linear(d, n_out)
@@ -1036,30 +1051,44 @@ class TeluguS2STransformer(nn.Module):
     def encode_context(self, context: ContextTurns) -> Memory:
         """Earlier turns -> memory (B, M, D): each turn encoded on its own (as when it was
         spoken), tagged with role and age, and the turns of a conversation concatenated oldest
-        first; `valid` marks padding where conversations have fewer or shorter turns."""
+        first; `valid` marks padding where conversations have fewer or shorter turns. With
+        context_words, an agent turn's words (context.texts) follow its encoded audio in the
+        memory: their reply_embed vectors plus a word tag, at positions 0, 1, ... in the turn."""
         cfg = self.config
         if int(context.ages.max()) > cfg.max_context_turns or int(context.ages.min()) < 1:
             raise ValueError(f"context ages must be 1..{cfg.max_context_turns}; keep at most "
                              f"{cfg.max_context_turns} earlier turns (ContextManager does)")
         self.check_codes(context.codes, "context codes")
-        mem = self.encode(context.codes, context.lengths, context.roles, context.ages)  # (N, S, D)
-        n_steps = mem.valid.sum(1)  # (N,)
+        parts = [self.encode(context.codes, context.lengths, context.roles, context.ages)]  # (N, S, D)
+        if cfg.context_words and context.texts is not None:
+            ids = [self.reply_ids(t) if t else [] for t in context.texts]
+            words = torch.zeros(len(ids), max(1, max(map(len, ids))), dtype=torch.long, device=self.device)
+            for j, w in enumerate(ids):
+                words[j, : len(w)] = torch.tensor(w, dtype=torch.long)
+            n_words = torch.tensor([len(w) for w in ids], device=self.device)
+            positions = torch.arange(words.shape[1], device=self.device)
+            parts.append(self.turn_memory(self.reply_embed(words) + self.context_word_tag, positions.expand(len(ids), -1),
+                                          positions[None] < n_words[:, None], context.roles, context.ages))
+        counts = [p.valid.sum(1).tolist() for p in parts]  # per part, the valid vectors of each turn (N,)
         b = context.batch_size
-        per_item = torch.zeros(b, dtype=torch.long)
-        for i, n in zip(context.batch_index.tolist(), n_steps.tolist()):
-            per_item[i] += n
-        m = max(1, int(per_item.max()))
-        vectors = mem.vectors.new_zeros(b, m, mem.vectors.shape[-1])
+        per_item = [0] * b
+        for j, i in enumerate(context.batch_index.tolist()):
+            per_item[i] += sum(c[j] for c in counts)
+        m = max(1, max(per_item))
+        d = parts[0].vectors.shape[-1]
+        vectors = parts[0].vectors.new_zeros(b, m, d)
         positions = torch.zeros(b, m, dtype=torch.long, device=self.device)
         slots = torch.zeros(b, m, dtype=torch.long, device=self.device)
         valid = torch.zeros(b, m, dtype=torch.bool, device=self.device)
         fill = [0] * b
-        for j, (i, n) in enumerate(zip(context.batch_index.tolist(), n_steps.tolist())):
-            vectors[i, fill[i] : fill[i] + n] = mem.vectors[j, :n]
-            positions[i, fill[i] : fill[i] + n] = mem.positions[j, :n]
-            slots[i, fill[i] : fill[i] + n] = mem.slots[j, :n]
-            valid[i, fill[i] : fill[i] + n] = True
-            fill[i] += n
+        for j, i in enumerate(context.batch_index.tolist()):
+            for part, count in zip(parts, counts):  # the turn's audio, then its words
+                n, at = count[j], fill[i]
+                vectors[i, at : at + n] = part.vectors[j, :n].to(vectors.dtype)
+                positions[i, at : at + n] = part.positions[j, :n]
+                slots[i, at : at + n] = part.slots[j, :n]
+                valid[i, at : at + n] = True
+                fill[i] += n
         return Memory(vectors, positions, slots, valid)
 
     def condition(self, speaker_id, emotion_id, turn: Memory) -> torch.Tensor:
@@ -1124,7 +1153,7 @@ class TeluguS2STransformer(nn.Module):
             speech = speech.masked_fill(drop[:, 1:, None], 0.0)
         key_valid = text_target = None
         if self.reply_head is not None:  # [padding, BOS, words, EOT] then speech; EOT predicts step 0
-            prefix, key_valid, text_target = self._reply_prefix(b, target_text, target_text_lengths)
+            prefix, key_valid, text_target, prefix_cross = self._reply_prefix(b, target_text, target_text_lengths)
         else:  # BOS predicts step 0
             prefix = self.bos.expand(b, 1, -1)
         p = prefix.shape[1]
@@ -1132,9 +1161,12 @@ class TeluguS2STransformer(nn.Module):
         x = x + self.condition(speaker_id, emotion_id, turn)
         steps = torch.arange(p + s, device=x.device)
         cos, sin = rope_cos_sin(steps, cfg.head_dim, cfg.rope_base)
-        # cross-attention queries are rotated by the reply's speech step (the text at step 0), so
-        # time-aligned reading of the memory does not depend on how many words came first
-        cross_rope = rope_cos_sin((steps - (p - 1)).clamp_min(0), cfg.head_dim, cfg.rope_base) if p > 1 else None
+        # cross-attention queries are rotated by the reply's speech step (the words by how many were
+        # written), so time-aligned reading of the memory does not depend on how many words came first
+        cross_rope = None
+        if p > 1:
+            cross = torch.cat([prefix_cross, torch.arange(1, s + 1, device=x.device).expand(b, -1)], dim=1)  # (B, P + S)
+            cross_rope = rope_cos_sin(cross, cfg.head_dim, cfg.rope_base)
         self_mask = None
         if key_valid is not None and not bool(key_valid.all()):
             valid = torch.cat([key_valid, key_valid.new_ones(b, s)], dim=1)  # (B, P + S)
@@ -1209,8 +1241,10 @@ class TeluguS2STransformer(nn.Module):
         to the longest, so that speech starts right after EOT at the same position P - 1 in every row
         and relative positions (RoPE) are those of an unpadded reply. text (B, L) reply_ids, padded;
         lengths (B,) (0: no transcript). Returns the inputs (B, P, D), key_valid (B, P) (False at
-        padding) and the next-token targets (B, P - 1): the words, then EOT, -100 at padding and
-        for pairs without text (they still see BOS, EOT)."""
+        padding), the next-token targets (B, P - 1): the words, then EOT, -100 at padding and for
+        pairs without text (they still see BOS, EOT), and the cross-attention positions (B, P): the
+        words written so far (so the k-th word can be read off the k-th word of a memory turn, as in
+        "repeat that"), 0 at EOT, which predicts speech step 0."""
         dev = self.device
         if text is None or lengths is None:
             text, lengths = torch.zeros(b, 0, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev)
@@ -1226,7 +1260,9 @@ class TeluguS2STransformer(nn.Module):
         key_valid = idx[None] >= start
         x = torch.where((idx[None] == start)[..., None], self.bos, self.reply_embed(tokens)) * key_valid[..., None]
         target = tokens[:, 1:].masked_fill(~key_valid[:, :-1] | (lengths == 0)[:, None], -100)
-        return x, key_valid, target
+        cross = (word + 1).clamp_min(0)
+        cross[:, -1] = 0
+        return x, key_valid, target, cross
 
     def text_ctc_loss(self, text_logits: torch.Tensor, valid: torch.Tensor, text: torch.Tensor,
                       text_lengths: torch.Tensor | None) -> torch.Tensor:
@@ -1345,9 +1381,8 @@ class TeluguS2STransformer(nn.Module):
         if self.reply_head is None:
             return h, stop_logit, 0, None
         b = h.shape[0]
-        words: list[list[int]] = [[] for _ in range(b)]
+        written: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        zero = torch.zeros(1, dtype=torch.long, device=self.device)
         for i in range(self.config.max_reply_words + 1):
             token = sample_codes(self.reply_head(h), text_temperature, None)  # (B,)
             if i == self.config.max_reply_words:
@@ -1355,18 +1390,21 @@ class TeluguS2STransformer(nn.Module):
             token = token.masked_fill(done, REPLY_EOT)
             for row, t in enumerate(token.tolist()):
                 if t != REPLY_EOT:
-                    words[row].append(t)
+                    written[row].append(t)
             done |= token == REPLY_EOT
+            # cross-attention at the words written so far; EOT (every row's, else the rows are
+            # written again below) at 0, as it predicts speech step 0
+            cross = 0 if bool(done.all()) else i + 1
             h, stop_logit = self.decode_step(state, None, torch.tensor([i + 1], device=self.device), reply_token=token,
-                                             cross_pos=zero)
+                                             cross_pos=torch.tensor([cross], device=self.device))
             if bool(done.all()):
                 break
-        lengths = [len(w) for w in words]
+        lengths = [len(w) for w in written]
         if len(set(lengths)) > 1:
             # rows wrote different numbers of words: write the prefixes again, left-padded as in
             # training, so every row's speech starts at the same position right after its own EOT
-            h, stop_logit = self._prefill_reply_text(state, words)
-        return h, stop_logit, max(lengths) + 1, words
+            h, stop_logit = self._prefill_reply_text(state, written)
+        return h, stop_logit, max(lengths) + 1, written
 
     def _prefill_reply_text(self, state: ReplyState, words: list[list[int]]):
         """Rewrite buffer positions 0..P-1 with each row's [padding, BOS, words, EOT] in one pass
@@ -1376,12 +1414,12 @@ class TeluguS2STransformer(nn.Module):
         text = torch.zeros(len(words), max(1, int(lengths.max())), dtype=torch.long, device=self.device)
         for row, w in enumerate(words):
             text[row, : len(w)] = torch.tensor(w, dtype=torch.long)
-        x, key_valid, _ = self._reply_prefix(len(words), text, lengths)
+        x, key_valid, _, cross = self._reply_prefix(len(words), text, lengths)
         x = x.to(state.condition.dtype) + state.condition
         p = x.shape[1]
         pos = torch.arange(p, device=self.device)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_base)
-        cross_rope = rope_cos_sin(torch.zeros_like(pos), cfg.head_dim, cfg.rope_base)
+        cross_rope = rope_cos_sin(cross, cfg.head_dim, cfg.rope_base)
         mask = padded_causal_mask(key_valid)
         for layer, cache, kv, bias in zip(self.decoder, state.self_kv, state.cross_kv, state.cross_bias):
             x = layer(x, cos, sin, cross_kv=kv, cross_bias=bias, cache=cache, input_pos=pos, self_mask=mask, kv_len=p,

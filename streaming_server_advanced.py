@@ -651,15 +651,16 @@ class AgentEngine:
                               session_id=session_id)
 
     def store_exchange(self, conv, user_codes: torch.Tensor, agent_codes: torch.Tensor | None, heard_frames: int | None,
-                       user_end_ago_s: float, agent_start_ago_s: float | None) -> list[dict]:
+                       user_end_ago_s: float, agent_start_ago_s: float | None, agent_text: str | None = None) -> list[dict]:
         """Remember one exchange: the user's turn (K, F) and the agent's generated codes (K, f)
-        (None: nothing generated), cut to `heard_frames` when the user interrupted. Times are
-        seconds before now. Then encode the new context at once, while the user has not spoken
-        yet, so the next reply does not pay for it. Returns the memory's turns for the client."""
+        (None: nothing generated), cut to `heard_frames` when the user interrupted, with the words
+        the agent wrote (inner monologue). Times are seconds before now. Then encode the new
+        context at once, while the user has not spoken yet, so the next reply does not pay for it.
+        Returns the memory's turns for the client."""
         now = conv.now()
         conv.add_user_turn(user_codes, end_s=now - user_end_ago_s)
         if agent_codes is not None and agent_start_ago_s is not None:  # it ends where the listener stopped
-            conv.add_agent_turn(agent_codes, start_s=now - agent_start_ago_s, heard_frames=heard_frames)
+            conv.add_agent_turn(agent_codes, start_s=now - agent_start_ago_s, heard_frames=heard_frames, text=agent_text)
         self.context_memory(conv)
         return self.conversation_summary(conv)
 
@@ -1314,7 +1315,7 @@ class Session:
         now = time.perf_counter()
         agent_start_ago = None if response.first_sent_at is None else now - response.first_sent_at
         fut = self.state.submit(self.engine.store_exchange, self.conversation, reply.user_codes, agent,
-                                frames if interrupted else None, now - response.turn_end_at, agent_start_ago)
+                                frames if interrupted else None, now - response.turn_end_at, agent_start_ago, reply.text)
         loop = asyncio.get_running_loop()
         event = dict(response_id=response.id, heard_ms=round(1000 * heard / SAMPLE_RATE),
                      stored_agent_ms=round(1000 * (frames if agent is not None else 0) / self.engine.codec.frame_rate),

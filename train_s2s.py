@@ -192,14 +192,16 @@ def load_pairs(data_dir: Path, split: str) -> list[dict]:
             raise ValueError(f"{where}: speaker_id {pair['speaker_id']} outside 0..{len(VOICES) - 1}")
         if not 0 <= int(pair["emotion_id"]) < len(EMOTIONS):
             raise ValueError(f"{where}: emotion_id {pair['emotion_id']} outside 0..{len(EMOTIONS) - 1}")
-        history = []
+        history, history_texts = [], []
         for j, turn in enumerate(pair.get("history") or []):
             if "input_path" not in turn or "target_path" not in turn:
                 raise ValueError(f"{where}.history[{j}]: needs input_path and target_path")
             history.append((str(resolve(turn["input_path"], data_dir)), str(resolve(turn["target_path"], data_dir))))
+            history_texts.append(str(turn.get("target_text") or ""))  # what the agent said then (context_words)
         out.append({"input": str(resolve(pair["input_path"], data_dir)), "target": str(resolve(pair["target_path"], data_dir)),
                     "speaker_id": int(pair["speaker_id"]), "emotion_id": int(pair["emotion_id"]), "history": history,
-                    "input_text": str(pair.get("input_text") or ""), "target_text": str(pair.get("target_text") or "")})
+                    "history_texts": history_texts, "input_text": str(pair.get("input_text") or ""),
+                    "target_text": str(pair.get("target_text") or "")})
     return out
 
 
@@ -344,7 +346,7 @@ class Example:
     target: torch.Tensor  # (K, F_out) int16
     speaker_id: int
     emotion_id: int
-    history: list  # [(role, codes (K, F)), ...] oldest first
+    history: list  # [(role, codes (K, F), the agent's words or None), ...] oldest first
     # (L,) text_to_ids of the user turn; empty when the pair has no transcript
     input_text: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     # other renderings of the user turn (--input_augment_copies): (K, F') int16 each
@@ -363,7 +365,8 @@ def make_examples(pairs, codes, cfg: S2SConfig, max_input_frames: int, max_reply
         if x.shape[1] > max_input_frames or y.shape[1] > max_reply_frames:
             skipped += 1
             continue
-        turns = [t for u, a in pair["history"] for t in ((ROLE_USER, codes[u]), (ROLE_AGENT, codes[a]))]
+        turns = [t for (u, a), said in zip(pair["history"], pair.get("history_texts") or [""] * len(pair["history"]))
+                 for t in ((ROLE_USER, codes[u], None), (ROLE_AGENT, codes[a], said or None))]
         text = torch.tensor(text_to_ids(pair.get("input_text", "")), dtype=torch.long)
         others = [v for v in (variants or {}).get(pair["input"], []) if v.shape[1] <= max_input_frames]
         words = reply_ids(pair.get("target_text", ""), index, cfg.max_reply_words) if index is not None else []
@@ -431,7 +434,7 @@ def collate(examples: list[Example], indices: list[int], device, pick: np.random
     target, out_len = pad_stack([e.target for e in items])
     context = None
     if any(e.history for e in items):
-        context = ContextTurns.from_turns([[(r, c.long()) for r, c in e.history] for e in items]).to(device)
+        context = ContextTurns.from_turns([[(r, c.long(), t) for r, c, t in e.history] for e in items]).to(device)
     text, text_len = pad_ids([e.input_text for e in items])
     words, words_len = pad_ids([e.target_text for e in items])
     return Batch(codes.to(device), in_len.to(device), target.to(device), out_len.to(device),
@@ -600,9 +603,10 @@ def with_overrides(base: S2SConfig, overrides: dict, reply_texts: list[str]) -> 
     return config_from_dict(S2SConfig, overrides, base=base)
 
 
-# Heads that only some configs have (text_head: encoder_ctc_weight > 0; reply_*: reply_text_weight > 0;
-# codec_embed: encoder_input "codec"): --init_from may add or drop them.
-OPTIONAL_HEADS = ("text_head.", "codec_embed.", "reply_embed.", "reply_head.")  # codec_embed is reloaded
+# Parts that only some configs have (text_head: encoder_ctc_weight > 0; reply_*: reply_text_weight > 0;
+# codec_embed: encoder_input "codec", reloaded from the codec; context_word_tag: context_words):
+# --init_from may add or drop them.
+OPTIONAL_HEADS = ("text_head.", "codec_embed.", "reply_embed.", "reply_head.", "context_word_tag")
 
 
 def load_init_state(model: TeluguS2STransformer, state: dict, exclude: list[str]) -> list[str]:

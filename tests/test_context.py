@@ -64,9 +64,12 @@ def test_json_round_trip_resumes_the_session(tmp_path):
     ctx = ContextManager(max_turns=4, session_id="s1")
     for i in range(6):
         ctx.add_user_turn(codes(30 + i, seed=i), start_s=i, end_s=i + 0.2) if i % 2 == 0 else \
-            ctx.add_agent_turn(codes(40, seed=i), start_s=i, heard_frames=25)
+            ctx.add_agent_turn(codes(40, seed=i), start_s=i, heard_frames=25, text=f"మాట {i}" if i > 1 else None)
     ctx.save(tmp_path / "session.json")
     again = ContextManager.load(tmp_path / "session.json")
+    # an agent turn keeps its words whole (heard or not); the model reads them with the codes
+    assert [t.text for t in again.turns] == [None, "మాట 3", None, "మాట 5"]
+    assert again.model_context().texts == [None, "మాట 3", None, "మాట 5"]
     assert again.session_id == "s1" and again.max_turns == 4 and again.dropped_turns == ctx.dropped_turns
     assert [t.to_dict() for t in again.turns] == [t.to_dict() for t in ctx.turns]
     assert all(torch.equal(a.codes, b.codes) for a, b in zip(ctx.turns, again.turns))

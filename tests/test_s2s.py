@@ -552,7 +552,7 @@ def test_monologue_decoding_equals_full_forward(static_shapes):
             for i, token in enumerate(sequence):
                 text_logits.append(model.reply_head(h))
                 h, stop = model.decode_step(state, None, torch.tensor([i + 1]), reply_token=torch.tensor([token]),
-                                            cross_pos=torch.tensor([0]))
+                                            cross_pos=torch.tensor([0 if token == 0 else i + 1]))
             p = full.reply_text_logits.shape[1]
             assert torch.allclose(torch.cat(text_logits), full.reply_text_logits[row, p - len(sequence):], atol=1e-4)
             offset, logits, stops = len(sequence), [], [stop]
@@ -636,3 +636,69 @@ def test_tiny_model_learns_to_write_and_speak_the_reply():
     with torch.no_grad():  # told the right words, it says them as it would on its own
         said = model.generate(questions, ids[:3], ids[:3], max_new_tokens=8, temperature=0, say=texts)
     assert all(torch.equal(s, r) for s, r in zip(said, replies))
+
+
+def test_context_words_follow_each_agent_turn_in_the_memory():
+    """With context_words an agent turn's words sit right after its encoded audio, tagged with that
+    turn's slot, at positions 0, 1, ...; user turns and turns without words add nothing."""
+    cfg = monologue_config(context_words=True)
+    model = make_model(cfg)
+    user, agent = random_codes(cfg, 1, 9, 5)[0], random_codes(cfg, 1, 14, 6)[0]
+    plain = ContextTurns.from_turns([[(0, user), (1, agent)]])
+    said = ContextTurns.from_turns([[(0, user, None), (1, agent, "మీరు ఎలా ఉన్నారు?")]])
+    assert plain.texts is None and said.texts == [None, "మీరు ఎలా ఉన్నారు?"]
+    with torch.no_grad():
+        a, b = model.encode_context(plain), model.encode_context(said)
+    n_audio = a.vectors.shape[1]  # 3 + 4 steps of audio
+    assert b.vectors.shape[1] == n_audio + 3 and bool(b.valid.all())
+    assert torch.equal(b.vectors[:, :n_audio], a.vectors) and b.positions[0, n_audio:].tolist() == [0, 1, 2]
+    assert b.slots[0, n_audio:].tolist() == [b.slots[0, n_audio - 1].item()] * 3  # the agent turn's slot
+    words = torch.tensor(model.reply_ids("మీరు ఎలా ఉన్నారు"))
+    expected = model.turn_memory((model.reply_embed(words) + model.context_word_tag)[None], torch.arange(3)[None],
+                                 torch.ones(1, 3, dtype=torch.bool), 1, 1).vectors
+    assert torch.allclose(b.vectors[:, n_audio:], expected)
+    with pytest.raises(ValueError, match="inner monologue"):
+        tiny_config(context_words=True)
+
+
+def test_tiny_model_learns_to_repeat_the_words_of_its_last_turn():
+    """'Repeat that' as a copy from the memory: one question asks to repeat, the earlier agent turn
+    said 1 to 3 random words (its audio random codes); a tiny model with context_words learns to
+    write those words again for word sequences it never saw."""
+    import itertools
+
+    cfg = monologue_config(context_words=True, codebook_size=16, hidden_dim=96, num_heads=2, encoder_chunk_steps=4,
+                           encoder_left_chunks=4)
+    torch.manual_seed(0)
+    model = TeluguS2STransformer(cfg)
+    question = random_codes(cfg, 1, 16, 21) % cfg.codebook_size
+    sequences = [" ".join(p) for n in (1, 2, 3) for p in itertools.permutations(WORDS[:5], n)]  # 85
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(sequences), generator=g).tolist()
+    train, held_out = [sequences[i] for i in order[:65]], [sequences[i] for i in order[65:]]
+
+    def batch(texts, seed):
+        gen = torch.Generator().manual_seed(seed)
+        turns = [[(0, torch.randint(0, 16, (8, 8), generator=gen)), (1, torch.randint(0, 16, (8, 12), generator=gen), t)]
+                 for t in texts]
+        return ContextTurns.from_turns(turns)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    ids = torch.zeros(8, dtype=torch.long)
+    reply = torch.zeros(8, cfg.n_codebooks, 4, dtype=torch.long)
+    for step in range(300):
+        texts = [train[int(i)] for i in torch.randint(0, len(train), (8,), generator=g)]
+        words, lengths = word_batch(model, texts)
+        out = model(question.expand(8, -1, -1), reply, ids, ids, context=batch(texts, step), target_text=words,
+                    target_text_lengths=lengths)
+        opt.zero_grad()
+        out.reply_text_loss.backward()
+        opt.step()
+    model.eval()
+    written = []
+    with torch.no_grad():
+        model.generate(question.expand(len(held_out), -1, -1), ids[:1].expand(len(held_out)),
+                       ids[:1].expand(len(held_out)), max_new_tokens=1, context=batch(held_out, 999),
+                       temperature=0, on_text=written.append)
+    right = sum(w == t for w, t in zip(written[0], held_out))
+    assert right >= 0.9 * len(held_out), list(zip(written[0], held_out))

@@ -44,7 +44,8 @@ def corpus(tmp_path_factory):
 
     def pair(i, history=()):
         return {"input_path": wavs[2 * (i % 6)], "target_path": wavs[2 * (i % 6) + 1], "speaker_id": i % 4,
-                "emotion_id": i % 9, "history": [{"input_path": wavs[2 * h], "target_path": wavs[2 * h + 1]} for h in history],
+                "emotion_id": i % 9, "history": [{"input_path": wavs[2 * h], "target_path": wavs[2 * h + 1],
+                                                  **({"target_text": "నాన్న"} if h % 2 else {})} for h in history],
                 **({"input_text": ["అ", "నా!", "ఇ ల"][i % 3]} if i % 2 == 0 else {}),  # some (short) transcripts
                 **({"target_text": ["అమ్మ బాగుంది.", "ఇల్లు పెద్దది, అమ్మ"][i % 3]} if i % 3 != 2 else {})}
 
@@ -112,7 +113,8 @@ def test_inner_monologue_learns_its_words_from_the_pairs_and_resumes_exactly(cor
     """reply_text_weight > 0: the vocabulary comes from the training pairs' target_text, the
     words' loss and validation figures are logged, a resumed run equals an uninterrupted one, and
     the shipped model writes words of that vocabulary before it speaks."""
-    write_json(tmp_path / "config.json", {"dropout": 0.1, "reply_text_weight": 1.0, "max_reply_words": 3})
+    write_json(tmp_path / "config.json", {"dropout": 0.1, "reply_text_weight": 1.0, "max_reply_words": 3,
+                                          "context_words": True})
     extra = ["--config", str(tmp_path / "config.json"), "--num_epochs", "2"]
     train_s2s.main(args_for(corpus, tmp_path / "a", *extra))
     assert "reply words" in capsys.readouterr().out
@@ -131,6 +133,12 @@ def test_inner_monologue_learns_its_words_from_the_pairs_and_resumes_exactly(cor
     val = [r for r in logged if "val_reply_text_exact" in r]
     assert val and {"val_reply_text_accuracy", "val_text_input_gain", "train_reply_text_exact"} <= set(val[-1])
     model = TeluguS2STransformer.from_pretrained(tmp_path / "a")
+    # the earlier agent turns' words reach the model's context (context_words)
+    pairs = train_s2s.load_pairs(corpus, "train")
+    codes = {w: torch.zeros(8, 40, dtype=torch.int16) for w in train_s2s.referenced_wavs(pairs)}
+    examples, _ = train_s2s.make_examples(pairs, codes, model.config, 10**6, 10**6)
+    batch = train_s2s.collate(examples, [i for i, e in enumerate(examples) if e.history], torch.device("cpu"))
+    assert "నాన్న" in batch.context.texts and None in batch.context.texts  # agent turns said it; user turns say nothing
     written = []
     with torch.no_grad():
         model.generate(torch.zeros(1, 8, 40, dtype=torch.long), torch.tensor([0]), torch.tensor([0]), max_new_tokens=2,
