@@ -301,6 +301,11 @@ def reply_words(text: str) -> list[str]:
     return ids_to_text(text_to_ids(text)).split()
 
 
+def reply_index(vocab: list[str]) -> dict[str, int]:
+    """word -> its token id, for reply_ids."""
+    return {w: REPLY_FIRST + i for i, w in enumerate(vocab)}
+
+
 def reply_ids(text: str, index: dict[str, int], max_words: int) -> list[int]:
     """A reply's text -> word tokens, index[word] (REPLY_UNK outside it), at most max_words."""
     return [index.get(w, REPLY_UNK) for w in reply_words(text)][:max_words]
@@ -941,7 +946,7 @@ class TeluguS2STransformer(nn.Module):
         self.reply_embed = self.reply_head = None
         if cfg.reply_text_weight > 0:
             self.reply_embed, self.reply_head = nn.Embedding(cfg.n_reply_tokens, d), nn.Linear(d, cfg.n_reply_tokens)
-        self.reply_index = {w: REPLY_FIRST + i for i, w in enumerate(cfg.reply_vocab)}
+        self.reply_index = reply_index(cfg.reply_vocab)
         # tells the agent turns' words in the memory from encoded audio (context_words)
         self.context_word_tag = nn.Parameter(torch.randn(d)) if cfg.context_words else None
         n_out = cfg.n_codebooks * cfg.frames_per_step * cfg.codebook_size

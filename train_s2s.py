@@ -79,9 +79,9 @@ from s2s_transformer import (
     S2SConfig,
     TeluguS2STransformer,
     build_reply_vocab,
-    REPLY_FIRST,
     ctc_best_path,
     reply_ids,
+    reply_index,
     text_to_ids,
 )
 from training import (
@@ -359,7 +359,7 @@ def make_examples(pairs, codes, cfg: S2SConfig, max_input_frames: int, max_reply
                   variants: dict[str, list[torch.Tensor]] | None = None) -> tuple[list[Example], int]:
     """Pairs -> Examples of codes; `variants` maps a user turn's WAV to other renderings of it."""
     examples, skipped = [], 0
-    index = {w: i for i, w in enumerate(cfg.reply_vocab, REPLY_FIRST)} if cfg.reply_text_weight > 0 else None
+    index = reply_index(cfg.reply_vocab) if cfg.reply_text_weight > 0 else None
     for pair in pairs:
         x, y = codes[pair["input"]], codes[pair["target"]]
         if x.shape[1] > max_input_frames or y.shape[1] > max_reply_frames:
