@@ -416,8 +416,9 @@ def stage_line(i: int, st: dict) -> str:
             + (f", question text CER {100 * st['val_cer']:.0f}%" if "val_cer" in st else "")
             + (f"; on training pairs: input gain {st['train_input_gain']:.5f} nats" if "train_input_gain" in st else "")
             + (f", question text CER {100 * st['train_cer']:.0f}%" if "train_cer" in st else "")
-            + (f"; reply words all right (teacher forced) in {100 * st['val_reply_text_exact']:.0f}% of validation "
-               f"and {100 * st['train_reply_text_exact']:.0f}% of training pairs" if "val_reply_text_exact" in st else "")
+            + (f"; reply words all right (teacher forced) in {100 * st['val_reply_text_exact']:.0f}% of validation pairs"
+               if "val_reply_text_exact" in st else "")
+            + (f" and {100 * st['train_reply_text_exact']:.0f}% of training pairs" if "train_reply_text_exact" in st else "")
             + ") of "
             f"`train_s2s.py {' '.join(st['flags'])}` with overrides {st['overrides']}, {st['precision']}, "
             f"~{st['train_seconds'] / 3600:.1f} h on {st['machine']}.")

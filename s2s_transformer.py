@@ -214,7 +214,7 @@ class S2SConfig:
         if self.reply_text_weight > 0 and not self.reply_vocab:
             raise ValueError("reply_text_weight > 0 needs reply_vocab, the reply words: train_s2s.py builds it from "
                              "the training pairs' target_text (build_reply_vocab)")
-        if len(set(self.reply_vocab)) != len(self.reply_vocab) or any(not w or w != w.strip() for w in self.reply_vocab):
+        if len(set(self.reply_vocab)) != len(self.reply_vocab) or any(len(w.split()) != 1 for w in self.reply_vocab):
             raise ValueError("reply_vocab must hold distinct words without spaces (build_reply_vocab makes one)")
         if self.context_words and self.reply_text_weight <= 0:
             raise ValueError("context_words remembers the words of the agent's turns: it needs an inner monologue "
@@ -450,12 +450,26 @@ def chunk_attention_mask(n_steps: int, chunk: int, left_chunks: int, device=None
     return (diff >= 0) & (diff <= left_chunks)
 
 
-def padded_causal_mask(valid: torch.Tensor) -> torch.Tensor:
-    """valid (B, T) -> (B, 1, T, T) bool: causal, padding keys hidden, and every position sees
-    itself (a padding row stays finite)."""
+def hide_padding(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """mask (T, T) bool (True = attend) and valid (B, T) -> (B, 1, T, T): padding keys hidden, and
+    every position still sees itself (a padding row stays finite)."""
     t = valid.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
-    return ((causal[None] & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=valid.device)[None])[:, None]
+    return ((mask[None] & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=valid.device)[None])[:, None]
+
+
+def causal_mask(t: int, device=None) -> torch.Tensor:
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
+def pad_ids(seqs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id sequences (lists or 1-D tensors) -> (B, max(1, L)) LongTensor padded with 0, and their
+    lengths (B,)."""
+    lengths = torch.tensor([len(x) for x in seqs], device=device)
+    out = torch.zeros(len(seqs), max(1, int(lengths.max()) if len(seqs) else 0), dtype=torch.long, device=device)
+    for i, x in enumerate(seqs):
+        if len(x):
+            out[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+    return out, lengths
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1028,10 +1042,8 @@ class TeluguS2STransformer(nn.Module):
         steps = torch.arange(s, device=x.device)
         valid = (steps[None] < steps_for(lengths, cfg.frames_per_step)[:, None]) if lengths is not None \
             else torch.ones(b, s, dtype=torch.bool, device=x.device)
-        mask = chunk_attention_mask(s, cfg.encoder_chunk_steps, cfg.encoder_left_chunks, x.device)
-        # Padding keys are hidden; every step may still see itself, so padded rows stay finite.
-        mask = (mask[None] & valid[:, None, :]) | torch.eye(s, dtype=torch.bool, device=x.device)[None]
-        mask = mask[:, None]  # (B, 1, S, S)
+        mask = hide_padding(chunk_attention_mask(s, cfg.encoder_chunk_steps, cfg.encoder_left_chunks, x.device),
+                            valid)  # (B, 1, S, S)
         cos, sin = rope_cos_sin(steps, cfg.head_dim, cfg.rope_base)
         for block in self.encoder:
             x = block(x, cos, sin, mask)
@@ -1066,13 +1078,9 @@ class TeluguS2STransformer(nn.Module):
         self.check_codes(context.codes, "context codes")
         parts = [self.encode(context.codes, context.lengths, context.roles, context.ages)]  # (N, S, D)
         if cfg.context_words and context.texts is not None:
-            ids = [self.reply_ids(t) if t else [] for t in context.texts]
-            words = torch.zeros(len(ids), max(1, max(map(len, ids))), dtype=torch.long, device=self.device)
-            for j, w in enumerate(ids):
-                words[j, : len(w)] = torch.tensor(w, dtype=torch.long)
-            n_words = torch.tensor([len(w) for w in ids], device=self.device)
+            words, n_words = pad_ids([self.reply_ids(t) if t else [] for t in context.texts], self.device)
             positions = torch.arange(words.shape[1], device=self.device)
-            parts.append(self.turn_memory(self.reply_embed(words) + self.context_word_tag, positions.expand(len(ids), -1),
+            parts.append(self.turn_memory(self.reply_embed(words) + self.context_word_tag, positions.expand(len(words), -1),
                                           positions[None] < n_words[:, None], context.roles, context.ages))
         counts = [p.valid.sum(1).tolist() for p in parts]  # per part, the valid vectors of each turn (N,)
         b = context.batch_size
@@ -1157,6 +1165,12 @@ class TeluguS2STransformer(nn.Module):
             drop = torch.rand(b, s + 1, device=speech.device) < cfg.decoder_input_dropout
             speech = speech.masked_fill(drop[:, 1:, None], 0.0)
         key_valid = text_target = None
+        if self.reply_head is not None and target_text is not None and target_text_lengths is not None:
+            n = target_text_lengths.to(self.device)
+            if int(n.max()) > cfg.max_reply_words or target_text.shape[1] < int(n.max()) or (
+                    target_text.numel() and not 0 <= int(target_text.min()) <= int(target_text.max()) < cfg.n_reply_tokens):
+                raise ValueError(f"target_text must hold reply_ids (0..{cfg.n_reply_tokens - 1}), at most max_reply_words "
+                                 f"= {cfg.max_reply_words} per reply (model.reply_ids(text) makes them)")
         if self.reply_head is not None:  # [padding, BOS, words, EOT] then speech; EOT predicts step 0
             prefix, key_valid, text_target, prefix_cross = self._reply_prefix(b, target_text, target_text_lengths)
         else:  # BOS predicts step 0
@@ -1175,7 +1189,7 @@ class TeluguS2STransformer(nn.Module):
         self_mask = None
         if key_valid is not None and not bool(key_valid.all()):
             valid = torch.cat([key_valid, key_valid.new_ones(b, s)], dim=1)  # (B, P + S)
-            self_mask = padded_causal_mask(valid)
+            self_mask = hide_padding(causal_mask(p + s, x.device), valid)
         for layer in self.decoder:
             kv = layer.cross_attn.cross_kv(memory, cfg.rope_base)
             x = layer(x, cos, sin, cross_kv=kv, cross_bias=layer.cross_attn.cross_bias(memory, x.dtype),
@@ -1389,7 +1403,9 @@ class TeluguS2STransformer(nn.Module):
         written: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         for i in range(self.config.max_reply_words + 1):
-            token = sample_codes(self.reply_head(h), text_temperature, None)  # (B,)
+            logits = self.reply_head(h)
+            logits[:, REPLY_UNK] = float("-inf")  # it says only words it knows (UNK marks others in training data)
+            token = sample_codes(logits, text_temperature, None)  # (B,)
             if i == self.config.max_reply_words:
                 token = torch.full_like(token, REPLY_EOT)
             token = token.masked_fill(done, REPLY_EOT)
@@ -1415,17 +1431,14 @@ class TeluguS2STransformer(nn.Module):
         """Rewrite buffer positions 0..P-1 with each row's [padding, BOS, words, EOT] in one pass
         and mark the padding in state.key_valid; returns h, stop logit at EOT (position P - 1)."""
         cfg = self.config
-        lengths = torch.tensor([len(w) for w in words], device=self.device)
-        text = torch.zeros(len(words), max(1, int(lengths.max())), dtype=torch.long, device=self.device)
-        for row, w in enumerate(words):
-            text[row, : len(w)] = torch.tensor(w, dtype=torch.long)
+        text, lengths = pad_ids(words, self.device)
         x, key_valid, _, cross = self._reply_prefix(len(words), text, lengths)
         x = x.to(state.condition.dtype) + state.condition
         p = x.shape[1]
         pos = torch.arange(p, device=self.device)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_base)
         cross_rope = rope_cos_sin(cross, cfg.head_dim, cfg.rope_base)
-        mask = padded_causal_mask(key_valid)
+        mask = hide_padding(causal_mask(key_valid.shape[1], self.device), key_valid)
         for layer, cache, kv, bias in zip(self.decoder, state.self_kv, state.cross_kv, state.cross_bias):
             x = layer(x, cos, sin, cross_kv=kv, cross_bias=bias, cache=cache, input_pos=pos, self_mask=mask, kv_len=p,
                       cross_rope=cross_rope)
@@ -1512,6 +1525,8 @@ class TeluguS2STransformer(nn.Module):
     def _stream_eval(self, codes, speaker_id, emotion_id, max_new_tokens, context, temperature, top_k,
                      chunk_steps, stop_threshold, min_new_tokens, text_temperature, on_text, say):
         state = self._prepare(codes, speaker_id, emotion_id, context, max_new_tokens + self.reply_text_slots)
+        if say is not None and (isinstance(say, str) or not all(isinstance(t, str) for t in say)):
+            raise ValueError("say: a list of texts, one per batch row (say=[text] for one reply)")
         forced = None if say is None else [self.reply_ids(t) for t in say]
         h, stop_logit, offset, words = self.begin_reply(state, text_temperature, forced)
         if on_text is not None and words is not None:

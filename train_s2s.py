@@ -80,6 +80,7 @@ from s2s_transformer import (
     TeluguS2STransformer,
     build_reply_vocab,
     ctc_best_path,
+    pad_ids,
     reply_ids,
     reply_index,
     text_to_ids,
@@ -443,15 +444,6 @@ def collate(examples: list[Example], indices: list[int], device, pick: np.random
                  text.to(device), text_len.to(device), words.to(device), words_len.to(device))
 
 
-def pad_ids(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D id tensors -> (B, max(1, L)) padded with 0, and their lengths (B,)."""
-    lengths = torch.tensor([len(x) for x in seqs])
-    out = torch.zeros(len(seqs), max(1, int(lengths.max())), dtype=torch.long)
-    for i, x in enumerate(seqs):
-        out[i, : len(x)] = x
-    return out, lengths
-
-
 # --------------------------------------------------------------------------------------
 # Training
 
@@ -688,7 +680,7 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
     if checkpoint is None and args.init_from:
         init_state, init_config = load_pretrained_state(args.init_from, CHECKPOINT_NAMES)
     train_pairs, val_pairs = load_pairs(data_dir, "train"), load_pairs(data_dir, "val")
-    cfg = build_config(args, checkpoint, init_config, [p["target_text"] for p in train_pairs])
+    cfg = build_config(args, checkpoint, init_config, [t for p in train_pairs for t in [p["target_text"], *p["history_texts"]]])
 
     # data and token cache
     wavs = referenced_wavs(train_pairs + val_pairs)
@@ -754,7 +746,10 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
         precision = resolve_precision(args.precision, ctx.device)
     raw_model = model
     if ctx.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        # context_word_tag takes part only in batches whose context holds agent words: DDP must look
+        # for parameters without a gradient then, or it waits for their reduction forever
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                                                          find_unused_parameters=cfg.context_words)
     autocast = precision == "bf16"
     log(f"model: {raw_model.num_parameters() / 1e6:.1f} M parameters, hidden {cfg.hidden_dim}, "
         f"{cfg.num_encoder_layers} + {cfg.num_decoder_layers} layers; {ctx.world_size} process(es) on {ctx.device}, "

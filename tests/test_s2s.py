@@ -505,12 +505,9 @@ def monologue_config(**overrides) -> S2SConfig:
 
 
 def word_batch(model, texts):
-    ids = [model.reply_ids(t) for t in texts]
-    lengths = torch.tensor([len(i) for i in ids])
-    words = torch.zeros(len(ids), max(1, int(lengths.max())), dtype=torch.long)
-    for row, i in enumerate(ids):
-        words[row, : len(i)] = torch.tensor(i, dtype=torch.long)
-    return words, lengths
+    from s2s_transformer import pad_ids
+
+    return pad_ids([model.reply_ids(t) for t in texts])
 
 
 def test_reply_words_and_vocabulary():
@@ -566,16 +563,31 @@ def test_monologue_decoding_equals_full_forward(static_shapes):
             incremental = torch.cat(logits, dim=2)[:, :, : target.shape[-1]]
             assert torch.allclose(incremental, full.logits[row : row + 1], atol=1e-4), (incremental - full.logits[row]).abs().max()
             assert torch.allclose(torch.stack(stops, 1), full.stop_logits[row : row + 1], atol=1e-4)
+        # generation's own prefix (begin_reply with words to say, both rows at once) ends in the
+        # state the forward pass has at EOT
+        state = model._prepare(codes, spk, emo, None, 8 + model.reply_text_slots)
+        state.static_shapes = static_shapes
+        h, stop, offset, _ = model.begin_reply(state, words=[words[r, : lengths[r]].tolist() for r in range(2)])
+        assert offset == int(lengths.max()) + 1 and torch.allclose(stop, full.stop_logits[:, 0], atol=1e-4)
+        step0 = padded[:, :, :fps]
+        assert torch.allclose(model._step_logits(h, step0), full.logits[:, :, :fps], atol=1e-4)
     # targets: the words then EOT, nothing at the padding of the shorter reply
     assert full.reply_text_target[0].tolist()[:2] == [-100, -100] and full.reply_text_target[0, -1] == 0
     # pairs without a transcript (length 0) still see BOS, EOT but add no words' loss
     none = model(codes, target, spk, emo, target_text=words, target_text_lengths=torch.zeros(2, dtype=torch.long))
     assert none.reply_text_loss.item() == 0.0 and bool((none.reply_text_target == -100).all())
+    with pytest.raises(ValueError, match="reply_ids"):
+        model(codes, target, spk, emo, target_text=words + cfg.n_reply_tokens, target_text_lengths=lengths)
 
 
-def test_batched_monologue_replies_equal_single_replies():
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["sliced", "static_shapes"])
+def test_batched_monologue_replies_equal_single_replies(static_shapes, monkeypatch):
     """Rows that write different numbers of words are generated together exactly as alone: their
-    prefixes are written again left-padded, and the padding is hidden from later steps."""
+    prefixes are written again left-padded, and the padding is hidden from later steps (in the
+    sliced buffers of the CPU and in the whole buffers of the static-shape path)."""
+    start_reply = TeluguS2STransformer.start_reply
+    monkeypatch.setattr(TeluguS2STransformer, "start_reply",
+                        lambda self, *a, **k: start_reply(self, *a, **{**k, "static_shapes": static_shapes}))
     cfg = monologue_config()
     spk, emo = torch.tensor([0, 1]), torch.tensor([2, 3])
     with torch.no_grad():
@@ -605,6 +617,8 @@ def test_batched_monologue_replies_equal_single_replies():
     assert texts[-1] == say and all(torch.equal(a, b) for a, b in zip(forced, alone))
     with pytest.raises(ValueError, match="no inner monologue"):
         make_model(tiny_config()).generate(codes, spk, emo, max_new_tokens=2, say=say)
+    with pytest.raises(ValueError, match="a list of texts"):
+        model.generate(codes[:1], spk[:1], emo[:1], max_new_tokens=2, say="వర్షం")
 
 
 def test_tiny_model_learns_to_write_and_speak_the_reply():

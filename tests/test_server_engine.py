@@ -104,7 +104,10 @@ def test_a_reply_carries_the_words_its_model_wrote(engine):
     assert engine.start_reply(request(engine, noise(0.4, 9)))[0].text is None  # speech only: no words
     torch.manual_seed(1)
     words = ["నమస్కారం", "బాగున్నారా", "మీరు"]
-    s2s = TeluguS2STransformer(S2SConfig.preset("tiny", reply_text_weight=1.0, reply_vocab=words, max_reply_words=3)).eval()
+    s2s = TeluguS2STransformer(S2SConfig.preset("tiny", reply_text_weight=1.0, reply_vocab=words, max_reply_words=3,
+                                                context_words=True)).eval()
+    with torch.no_grad():
+        s2s.reply_head.bias[0] = -50.0  # never ends its text early: it writes all 3 words
     codec = TeluCodec(CodecConfig.preset("tiny")).fold_weight_norm().eval()  # an engine streams its own codec
     talker = srv.AgentEngine(codec, s2s, torch.device("cpu"), untrained=True, source="test")
     audio = noise(0.6, 10)
@@ -114,8 +117,12 @@ def test_a_reply_carries_the_words_its_model_wrote(engine):
     with torch.inference_mode():
         codes = talker.s2s.generate(reply.user_codes[None], torch.tensor([0]), torch.tensor([0]), max_new_tokens=4,
                                     min_new_tokens=4, temperature=0.0, on_text=written.append)[0]
-    assert reply.text == written[0][0] and all(w in words for w in reply.text.split())
+    assert reply.text == written[0][0] and len(reply.text.split()) == 3 and set(reply.text.split()) <= set(words)
     assert torch.equal(torch.cat(reply.codes, -1), codes)
+    conv = talker.new_conversation("words")
+    talker.store_exchange(conv, reply.user_codes, codes, None, user_end_ago_s=1.0, agent_start_ago_s=0.5,
+                          agent_text=reply.text)
+    assert conv.turns[-1].text == reply.text and conv.model_context().texts == [None, reply.text]
 
 
 def test_interleaved_replies_equal_replies_alone(engine):
