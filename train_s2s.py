@@ -565,7 +565,8 @@ def build_config(args, checkpoint: dict | None, init_config: dict | None = None,
     """The model config: from the checkpoint when resuming, from the --init_from weights' config
     (then --config) when starting from them (the size flags may contradict neither), else
     --preset, then --config, then the size flags. A config that turns the inner monologue on
-    without a vocabulary gets the words of `reply_texts` (the training pairs' target_text)."""
+    without a vocabulary gets the words of `reply_texts` (the training pairs' target_text: a
+    history turn's words are some pair's reply in a corpus with transcripts; others read as UNK)."""
     flags = {k: getattr(args, k) for k in ("hidden_dim", "num_encoder_layers", "num_decoder_layers")
              if getattr(args, k) is not None}
     stored, what = (checkpoint["config"], "--resume") if checkpoint is not None else (init_config, "--init_from")
@@ -680,7 +681,7 @@ def train(args, ctx, log, data_dir: Path, codec_path: Path, ckpt_dir: Path) -> d
     if checkpoint is None and args.init_from:
         init_state, init_config = load_pretrained_state(args.init_from, CHECKPOINT_NAMES)
     train_pairs, val_pairs = load_pairs(data_dir, "train"), load_pairs(data_dir, "val")
-    cfg = build_config(args, checkpoint, init_config, [t for p in train_pairs for t in [p["target_text"], *p["history_texts"]]])
+    cfg = build_config(args, checkpoint, init_config, [p["target_text"] for p in train_pairs])
 
     # data and token cache
     wavs = referenced_wavs(train_pairs + val_pairs)
