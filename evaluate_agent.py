@@ -2,7 +2,8 @@
 
     python evaluate_agent.py --model_dir checkpoints/demo --data_dir workspace/telugu_synth --split test
 
-The test split holds question paraphrases and user voices that training never saw. For each pair,
+The test split holds question paraphrases and user voices that training never saw (--split
+new_voices: the training paraphrases, spoken now by the test split's voices). For each pair,
 the user's question (a WAV) goes through the codec and the S2S model as the server runs them
 (offline encode, the server's sampling settings, one conversation at a time), and the reply is
 decoded to audio. Then:
@@ -48,6 +49,7 @@ import math
 import os
 import time
 import warnings
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -244,6 +246,34 @@ def load_split(data_dir: Path, split: str) -> tuple[list[dict], list[dict]]:
     return pairs, agent
 
 
+NEW_VOICES = "new_voices"  # --split: the training questions spoken by the test split's user voices
+
+
+def with_new_voices(chosen: dict[str, list[dict]], data_dir: Path, out: Path) -> dict[str, list[dict]]:
+    """The chosen training pairs with each question spoken again by one of the test split's user
+    voices (in turn), rendered as the corpus renders user turns (synthesize_user, seeded
+    augmentation) into <out>/new_voice_questions/ once: the paraphrases were trained on, the
+    voices never. What a model can learn from this corpus, next to the test split's new wording."""
+    from make_telugu_speech import synthesize_user
+
+    voices = sorted({r["voice"] for r in read_manifest(data_dir / "manifests" / "test.jsonl") if r.get("role") == "user"})
+    if not voices:
+        raise SystemExit(f"{data_dir}/manifests/test.jsonl lists no user voices: rebuild the corpus")
+    n = 0
+    renamed = {}
+    for group, pairs in chosen.items():
+        renamed[group] = []
+        for p in pairs:
+            voice = voices[n % len(voices)]
+            n += 1
+            seed = zlib.crc32(f"{p['input_text']}|{voice}".encode())
+            path = out / "new_voice_questions" / f"{seed:08x}_{voice}.wav"
+            if not path.is_file():
+                save_audio(path, synthesize_user(p["input_text"], voice, seed=seed, augment_audio=True))
+            renamed[group].append({**p, "input_path": str(path), "user_voice": voice})
+    return renamed
+
+
 def accuracy(rows: list[dict], k: int = 1) -> float:
     """The share of scored replies whose intended text ranks within the first k."""
     return sum(r["rank"] is not None and r["rank"] <= k for r in rows) / max(len(rows), 1)
@@ -415,7 +445,9 @@ def parse_args(argv=None):
     add_workspace_arg(p)
     p.add_argument("--model_dir", default=str(DEMO_MODEL_DIR), help=f"codec/ + s2s/ model folders (default {DEMO_MODEL_DIR})")
     p.add_argument("--data_dir", default=None, help="the corpus (default <workspace>/telugu_synth)")
-    p.add_argument("--split", default="test", choices=sorted(PAIRS_FILES), help="pairs to evaluate (default test)")
+    p.add_argument("--split", default="test", choices=sorted(PAIRS_FILES) + [NEW_VOICES],
+                   help="pairs to evaluate (default test); new_voices: the training questions spoken by the test "
+                        "split's user voices (rendered now: the paraphrases were trained on, the voices never)")
     p.add_argument("--num_pairs", type=int, default=288, help="first-turn pairs, spread over the split (0: all)")
     p.add_argument("--num_context", type=int, default=48, help="'repeat that' and 'what did I ask' pairs each (0: all)")
     p.add_argument("--codec_files", type=int, default=48, help="recordings for the codec-only figures")
@@ -449,8 +481,10 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     t0 = time.perf_counter()
 
-    pairs, agent_rows = load_split(data_dir, args.split)
+    pairs, agent_rows = load_split(data_dir, "train" if args.split == NEW_VOICES else args.split)
     chosen = select_pairs(pairs, args.num_pairs, args.num_context)
+    if args.split == NEW_VOICES:
+        chosen = with_new_voices(chosen, data_dir, out)
     agent = Agent.load(Path(args.model_dir), device, args.temperature, args.top_k, args.max_reply_s, args.say_intended,
                        codec_only=args.oracle)
     if args.say_intended and (agent.s2s is None or agent.s2s.reply_head is None):
@@ -523,7 +557,7 @@ def main(argv=None) -> dict:
                           "agreement": signature_agreement(gen_table, ref_table)}
 
     # The codec alone on the split's recordings (user and agent).
-    rows = read_manifest(data_dir / "manifests" / f"{args.split}.jsonl")
+    rows = read_manifest(data_dir / "manifests" / f"{'test' if args.split == NEW_VOICES else args.split}.jsonl")
     codec_rows = spread(rows, args.codec_files)
     metrics = defaultdict(list)
     with torch.inference_mode():

@@ -282,3 +282,34 @@ def test_the_words_a_model_writes_are_scored_and_kept_with_its_replies(fake_corp
     assert "intended answer's words" in told["reply_source"] and "text_accuracy" not in told["first_turn"]
     with pytest.raises(SystemExit, match="inner monologue"):
         ev.main(args + ["--say_intended", "--model_dir", str(fake_corpus / "models"), "--out", str(tmp_path / "x")])
+
+
+def test_new_voices_speak_the_training_questions_in_the_test_voices(fake_corpus, tmp_path, monkeypatch):
+    """--split new_voices: training pairs whose questions are spoken again, once, by the test
+    split's user voices (rendered into the output folder and reused); the rest as for a split."""
+    import shutil
+
+    import make_telugu_speech
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(fake_corpus, corpus)
+    pairs = json.loads((corpus / "metadata" / "test_pairs.json").read_text())
+    write_json(corpus / "metadata" / "train_pairs.json", [{**p, "input_text": f"ప్రశ్న {i}"} for i, p in enumerate(pairs)])
+    spoken = []
+
+    def fake_user(text, voice, seed=0, augment_audio=False):
+        spoken.append((text, voice, augment_audio))
+        return glide(220, 330, 0.5, seed=seed % 1000)
+
+    monkeypatch.setattr(make_telugu_speech, "synthesize_user", fake_user)
+    args = ["--model_dir", str(corpus / "models"), "--data_dir", str(corpus), "--out", str(tmp_path / "eval"),
+            "--max_reply_s", "0.5", "--codec_files", "2", "--threads", "1", "--split", "new_voices"]
+    report = ev.main(args)
+    assert report["split"] == "new_voices" and report["first_turn"]["n"] == 6
+    assert len(spoken) == 8 and {v for _, v, _ in spoken} == {"u"} and all(a for *_, a in spoken)  # the test voice
+    assert len(list((tmp_path / "eval" / "new_voice_questions").glob("*.wav"))) == len({t for t, _, _ in spoken})
+    rows = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["replies"]["first_turn"]
+    assert {r["user_voice"] for r in rows} == {"u"}
+    spoken.clear()
+    ev.main(args)
+    assert spoken == []  # rendered once
